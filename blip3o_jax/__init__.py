@@ -1,0 +1,19 @@
+"""blip3o-jax: BLIP3-o in JAX/Flax.
+
+    import blip3o_jax
+    from blip3o_jax import models, convert
+    module, params = blip3o_jax.load_pretrained(path)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(path: str, *, allow_pickle: bool = False, dtype=None):
+    """(module, params) from a HF-format directory (config.json + safetensors) or our converted Orbax output.
+
+    The model kind is read from config.json (`model_type`); our converted output carries the same config.json.
+    """
+    from blip3o_jax.pretrained import load_pretrained as _load
+
+    return _load(path, allow_pickle=allow_pickle, dtype=dtype)

@@ -1,0 +1,60 @@
+"""Timing helpers shared by `tools/bench_*.py`: warm-up, median of runs, the machine's matmul peak."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(x):
+    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def time_it(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5, sync: Callable[[Any], Any] = block) -> dict:
+    """Runs `fn` `warmup` times (the first is reported as compile/first-call time), then `iters` timed runs."""
+    t0 = time.perf_counter()
+    sync(fn())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times), "runs": iters}
+
+
+def jax_matmul_peak(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
+    """Achieved FLOP/s of an n^3 matmul in JAX on the default device: the hardware's practical peak."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = time_it(lambda: f(a, b), warmup=2, iters=iters)
+    return 2 * n**3 / t["median_s"]
+
+
+def torch_matmul_peak(n: int = 2048, iters: int = 5) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    t = time_it(lambda: a @ b, warmup=2, iters=iters, sync=lambda x: x)
+    return 2 * n**3 / t["median_s"]
+
+
+def emit(result: dict) -> None:
+    """Prints the benchmark's result as its last line: one JSON object."""
+    def clean(v):
+        if isinstance(v, (np.floating, np.integer)):
+            return v.item()
+        if isinstance(v, float):
+            return float(f"{v:.6g}")
+        return v
+
+    print(json.dumps(jax.tree.map(clean, result), sort_keys=False), flush=True)

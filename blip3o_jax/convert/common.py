@@ -1,0 +1,284 @@
+"""Key-mapping machinery shared by every converter, and streaming safetensors I/O.
+
+A converter is a table of `Rule`s (torch key <-> flax param path, with a small transform each way) plus the
+expected parameter shapes of the Flax module. `from_torch_by_rules` is strict: an unknown key, a missing key or a
+shape mismatch raises `ConversionError` naming the key and both shapes. Keys containing `{i}` are per-layer
+tensors stacked along axis 0 of one Flax leaf (the `nn.scan` layer axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import flax
+import jax
+import ml_dtypes
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: one sentence naming the key and the problem."""
+
+
+def _identity(x):
+    return x
+
+
+def transpose(x):
+    return np.transpose(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch_key: str  # may contain "{i}": per-layer tensors stacked on axis 0 of the flax leaf
+    flax_path: str  # "/"-separated path inside the params tree
+    to_flax: Callable[[np.ndarray], np.ndarray] = _identity
+    to_torch: Callable[[np.ndarray], np.ndarray] = _identity
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.torch_key
+
+
+def linear_rules(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
+    """torch nn.Linear(weight (out, in), bias) <-> our Dense(kernel (in, out), bias)."""
+    rules = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", transpose, transpose)]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
+    return rules
+
+
+def norm_rules(torch_prefix: str, flax_prefix: str, bias: bool = False) -> list[Rule]:
+    """torch norm `weight` (and `bias`) <-> our `scale` (and `bias`)."""
+    rules = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/scale")]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
+    return rules
+
+
+def _flatten(tree) -> dict[str, Any]:
+    return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _unflatten(flat: Mapping[str, Any]):
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def abstract_shapes(module, *init_args, rng=None, method=None, **init_kwargs) -> dict[str, tuple[int, ...]]:
+    """Flat {path: shape} of a module's params without allocating them."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    variables = jax.eval_shape(lambda: module.init(rng, *init_args, method=method, **init_kwargs))
+    params = flax.linen.unbox(variables["params"])
+    return {k: tuple(v.shape) for k, v in _flatten(params).items()}
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
+    """Selects and strips the first prefix that any key carries (e.g. a DiT inside a full BLIP3o checkpoint)."""
+    for prefix in prefixes:
+        if prefix and any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return dict(state_dict)
+
+
+def from_torch_by_rules(
+    rules: Iterable[Rule],
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    ignore: Sequence[str] = (),
+    what: str = "checkpoint",
+):
+    """Converts a torch-named state dict into a nested params dict, strictly."""
+    rules = list(rules)
+    ignore_re = [re.compile(p) for p in ignore]
+    remaining = {k: v for k, v in state_dict.items() if not any(r.fullmatch(k) for r in ignore_re)}
+    flat: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.flax_path not in expected:
+            raise ConversionError(f"internal: rule for {rule.torch_key} targets unknown param {rule.flax_path}")
+        want = expected[rule.flax_path]
+        if rule.stacked:
+            n = want[0]
+            parts = []
+            for i in range(n):
+                key = rule.torch_key.format(i=i)
+                parts.append(_take(remaining, key, want[1:], rule, what))
+            extra = rule.torch_key.format(i=n)
+            if extra in remaining:
+                raise ConversionError(f"{what}: unexpected key {extra!r}: the config has only {n} layers")
+            value = np.stack(parts, axis=0)
+        else:
+            value = _take(remaining, rule.torch_key, want, rule, what)
+        flat[rule.flax_path] = value
+    if remaining:
+        keys = sorted(remaining)
+        shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        raise ConversionError(f"{what}: unexpected key {shown}: not a parameter of this model/config")
+    missing_params = sorted(set(expected) - set(flat))
+    if missing_params:
+        raise ConversionError(f"internal: no rule produces params {missing_params[:5]}")
+    return _unflatten(flat)
+
+
+def _take(remaining, key, want_shape, rule: Rule, what: str) -> np.ndarray:
+    if key not in remaining:
+        raise ConversionError(f"{what}: missing key {key!r}")
+    value = np.asarray(remaining.pop(key))
+    converted = rule.to_flax(value)
+    if tuple(converted.shape) != tuple(want_shape):
+        torch_want = tuple(rule.to_torch(np.empty(want_shape, dtype=np.float32)).shape)
+        raise ConversionError(
+            f"{what}: key {key!r} has shape {tuple(value.shape)} but the config expects {torch_want}"
+        )
+    return converted
+
+
+def to_torch_by_rules(rules: Iterable[Rule], params) -> dict[str, np.ndarray]:
+    flat = _flatten(flax.linen.unbox(params))
+    out: dict[str, np.ndarray] = {}
+    for rule in rules:
+        value = np.asarray(jax.device_get(flat[rule.flax_path]))
+        if rule.stacked:
+            for i in range(value.shape[0]):
+                out[rule.torch_key.format(i=i)] = np.ascontiguousarray(rule.to_torch(value[i]))
+        else:
+            out[rule.torch_key] = np.ascontiguousarray(rule.to_torch(value))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors, read and written by hand: streaming, bf16 through ml_dtypes, clear errors on truncated files.
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 * 2**20:
+            raise ConversionError(f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if data_start + end > size:
+        raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, header needs {data_start + end})")
+    return header, data_start
+
+
+def iter_safetensors(path: str, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) one tensor at a time through a read-only memory map."""
+    header, data_start = read_safetensors_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for key in (keys if keys is not None else header.keys()):
+        info = header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        arr = np.frombuffer(mm[data_start + begin: data_start + end], dtype=_ST_DTYPES[info["dtype"]])
+        yield key, np.array(arr.reshape(info["shape"]))  # copy: detach from the map
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if arr.dtype not in _ST_NAMES:
+            raise ValueError(f"cannot write {key!r}: dtype {arr.dtype} has no safetensors name")
+        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+
+
+def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads a HF checkpoint (file or directory): safetensors single/sharded first; pickles only if allowed."""
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files: dict[str, list[str]] = {}
+            for key, fname in weight_map.items():
+                files.setdefault(fname, []).append(key)
+            out = {}
+            for fname, keys in sorted(files.items()):
+                fpath = os.path.join(path, fname)
+                if not os.path.exists(fpath):
+                    raise ConversionError(f"{index}: shard {fname} is missing")
+                header, _ = read_safetensors_header(fpath)
+                absent = [k for k in keys if k not in header]
+                if absent:
+                    raise ConversionError(f"{fpath}: index lists {absent[0]!r} but the shard does not hold it")
+                out.update(iter_safetensors(fpath, keys))
+            return out
+        if os.path.exists(single):
+            return dict(iter_safetensors(single))
+        st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if st:
+            out = {}
+            for f in st:
+                out.update(iter_safetensors(os.path.join(path, f)))
+            return out
+        pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+        if pickles:
+            out = {}
+            for f in pickles:
+                out.update(load_state_dict(os.path.join(path, f), allow_pickle=allow_pickle))
+            return out
+        raise ConversionError(f"{path}: no .safetensors (or .bin) weights in this directory")
+    if path.endswith(".safetensors"):
+        return dict(iter_safetensors(path))
+    if path.endswith((".bin", ".pt", ".pth")):
+        if not allow_pickle:
+            raise ConversionError(
+                f"{path}: refusing to unpickle a PyTorch file; convert it to safetensors or pass --allow-pickle"
+            )
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(f"{path}: reading .bin/.pt needs torch installed (pip install torch==2.13.0)") from None
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path}: cannot read PyTorch file ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        return {k: _torch_to_numpy(v) for k, v in sd.items()}
+    raise ConversionError(f"{path}: unknown weights format (expected .safetensors, or .bin/.pt with --allow-pickle)")
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()

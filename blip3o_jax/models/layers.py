@@ -1,0 +1,136 @@
+"""Building blocks shared by the model files: partitioned dense layers, norms, attention, dtype policy."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name_or_dtype) -> Any:
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[name_or_dtype]
+    return name_or_dtype
+
+
+def torch_linear_init(fan_in_axes: int = 1):
+    """PyTorch's default Linear init (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(fan_in_axes)))
+
+
+def partitioned(init: Callable, names: Sequence[str | None]):
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Dense(nn.Module):
+    """Linear layer whose kernel is (in, out) = torch weight.T, annotated with logical axis names."""
+
+    features: int
+    use_bias: bool = True
+    kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = torch_linear_init()
+    bias_init: Callable = nn.initializers.zeros
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features), self.param_dtype
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        if self.use_bias:
+            bias = self.param("bias", partitioned(self.bias_init, self.kernel_axes[-1:]), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as transformers' Qwen2RMSNorm), weight named `scale` (torch: `weight`)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if not self.use_scale:
+            return x32.astype(self.dtype if self.dtype is not None else in_dtype)
+        scale = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        # transformers multiplies after casting back to the input dtype
+        return (scale.astype(self.dtype) * x32.astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in fp32 with torch names mapped to `scale`/`bias`."""
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_scale:
+            y = y * self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", partitioned(nn.initializers.zeros, (self.axis_name,)), (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention(
+    query,  # (B, Lq, H, D)
+    key,  # (B, Lk, Hkv, D)
+    value,  # (B, Lk, Hkv, D)
+    *,
+    mask=None,  # bool, broadcastable to (B, H, Lq, Lk); True = attend
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+):
+    """Scaled dot-product attention via `jax.nn.dot_product_attention` (GQA handled there).
+
+    `implementation`: None/"xla" (portable) or "cudnn" (GPU flash attention). Softmax is computed in fp32
+    for the xla path by upcasting low-precision inputs' logits inside XLA.
+    """
+    impl = None if implementation in (None, "xla", "auto") else implementation
+    if impl is None:
+        # portable path: softmax and accumulation in fp32 for parity with torch's SDPA math kernel
+        out_dtype = query.dtype
+        f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+        out = jax.nn.dot_product_attention(f32(query), f32(key), f32(value), mask=mask, is_causal=is_causal, scale=scale)
+        return out.astype(out_dtype)
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
+    )
+
+
+def remat_policy(name: str | None):
+    """Names a `jax.checkpoint` policy from the config: none | full | dots | dots_no_batch | save_nothing."""
+    if name in (None, "none", "minimal", "full", "nothing_saveable", "save_nothing"):
+        return jax.checkpoint_policies.nothing_saveable
+    table = {
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "everything": jax.checkpoint_policies.everything_saveable,
+    }
+    if name not in table:
+        raise ValueError(f"unknown remat policy {name!r}; expected none, full, dots, dots_no_batch or everything")
+    return table[name]
