@@ -1,0 +1,253 @@
+"""Loading pretrained weights: HF-format directories and our converted Orbax output, for any registered kind.
+
+Two on-disk formats are read by `load_pretrained`:
+- a transformers directory: `config.json` (its `model_type` names the kind through `models.HF_MODEL_TYPES`) and
+  safetensors weights (single file, or sharded with `model.safetensors.index.json`; `.bin` only when allowed);
+- our converted output (written by `convert_checkpoint`, i.e. `convert_torch_weights.py`): the same `config.json`,
+  `blip3o_jax.json` (kind, stored dtype, source) and `params/`, an Orbax checkpoint of the Flax params tree.
+
+`convert_checkpoint` streams the tensors one by one (progress bar over tensors), converts them strictly (unknown,
+missing or mis-shaped keys are errors naming the key), and writes into a temporary directory beside the
+destination that is renamed into place only once complete, so a failure never leaves a half-written destination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from blip3o_jax import convert, models
+from blip3o_jax.convert.common import ConversionError, iter_safetensors, load_state_dict, read_safetensors_header
+
+META_FILE = "blip3o_jax.json"
+PARAMS_DIR = "params"
+# small files copied next to the converted params so the output also serves as a tokenizer/config directory
+_AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, META_FILE))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _config_dir(path: str) -> str:
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def resolve(path: str, kind: str | None = None) -> tuple[str, dict]:
+    """(kind, HF config dict) of a checkpoint path; `kind` overrides what config.json / blip3o_jax.json say."""
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file or directory")
+    cdir = _config_dir(path)
+    config_path = os.path.join(cdir, "config.json")
+    hf = _read_json(config_path) if os.path.isfile(config_path) else None
+    meta = _read_json(os.path.join(cdir, META_FILE)) if os.path.isfile(os.path.join(cdir, META_FILE)) else {}
+    kind = kind or meta.get("kind")
+    if kind is None:
+        if hf is None:
+            raise ConversionError(f"{cdir}: no config.json, so the model kind is unknown; pass --kind")
+        model_type = hf.get("model_type")
+        if model_type not in models.HF_MODEL_TYPES:
+            raise ConversionError(
+                f"{config_path}: model_type {model_type!r} is not supported; expected one of "
+                f"{sorted(models.HF_MODEL_TYPES)} (or pass --kind)"
+            )
+        kind = models.HF_MODEL_TYPES[model_type]
+    if kind not in models.KINDS:
+        raise ConversionError(f"unknown model kind {kind!r}; expected one of {sorted(models.KINDS)}")
+    return kind, (hf or {})
+
+
+def _config(kind: str, hf: dict, where: str, dtype: str | None = None, param_dtype: str | None = None):
+    try:
+        cfg = models.config_from_hf(kind, hf)
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("blip3o_jax"):
+            raise ConversionError(f"model kind {kind!r} is not implemented in this version ({e.name} is missing)") from None
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: not a valid {kind} config ({e.__class__.__name__}: {e})") from None
+    fields = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
+    changes = {}
+    if dtype is not None and "dtype" in fields:
+        changes["dtype"] = dtype
+    if (param_dtype or dtype) is not None and "param_dtype" in fields:
+        changes["param_dtype"] = param_dtype or dtype
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _tensor_plan(path: str) -> list[tuple[str, list[str]]] | None:
+    """[(safetensors file, keys)] in read order, headers checked up front; None when the weights are pickles."""
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return [(path, list(read_safetensors_header(path)[0]))]
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no 'weight_map'")
+        files: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(fname, []).append(key)
+        plan = []
+        for fname, keys in sorted(files.items()):
+            fpath = os.path.join(path, fname)
+            if not os.path.exists(fpath):
+                raise ConversionError(f"{index}: shard {fname} is missing")
+            header, _ = read_safetensors_header(fpath)
+            absent = [k for k in keys if k not in header]
+            if absent:
+                raise ConversionError(f"{fpath}: index lists {absent[0]!r} but the shard does not hold it")
+            plan.append((fpath, keys))
+        return plan
+    single = os.path.join(path, "model.safetensors")
+    files_ = [single] if os.path.exists(single) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")
+    )
+    if files_:
+        return [(f, list(read_safetensors_header(f)[0])) for f in files_]
+    return None
+
+
+def iter_state_dict(path: str, *, allow_pickle: bool = False, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams (checkpoint key, array) tensor by tensor, with an optional tqdm bar over tensors."""
+    plan = _tensor_plan(path)
+    if plan is None:  # pickled weights: torch.load reads a file whole
+        items: Any = load_state_dict(path, allow_pickle=allow_pickle).items()
+        total = len(items)
+    else:
+        total = sum(len(keys) for _, keys in plan)
+        items = (kv for fpath, keys in plan for kv in iter_safetensors(fpath, keys))
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=total, unit="tensor", desc=f"reading {os.path.basename(os.path.normpath(path))}")
+    yield from items
+
+
+def _cast(params, param_dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from blip3o_jax.models import layers
+
+    target = layers.to_dtype(param_dtype)
+
+    def one(x):
+        x = np.asarray(x) if not hasattr(x, "dtype") else x
+        return x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target else x
+
+    return jax.tree.map(one, params)
+
+
+def _check_shapes(kind: str, cfg, params, where: str) -> None:
+    """Our converted output against the model's expected shapes (when the converter can say them)."""
+    import flax
+
+    conv = convert._converter(kind)
+    if not hasattr(conv, "expected_shapes"):
+        return
+    want = conv.expected_shapes(kind, cfg)
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise ConversionError(f"{where}: missing param {key!r}")
+        if key not in want:
+            raise ConversionError(f"{where}: unexpected param {key!r}: not a parameter of this model/config")
+        if want[key] != have[key]:
+            raise ConversionError(f"{where}: param {key!r} has shape {have[key]} but the config expects {want[key]}")
+
+
+def restore_params(path: str, target=None):
+    """Restores the Orbax params of a converted directory; `target` (ShapeDtypeStructs with shardings) places them."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+
+
+def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None = None, kind: str | None = None):
+    """(module, params) from a HF directory or our converted output.
+
+    dtype (e.g. "bfloat16") sets the compute and parameter dtype; by default the config's own policy (fp32 compute,
+    fp32 params for HF checkpoints, the stored dtype for converted output).
+    """
+    import jax.numpy as jnp
+    import jax
+
+    kind, hf = resolve(path, kind)
+    if is_converted(path):
+        meta = _read_json(os.path.join(path, META_FILE))
+        cfg = _config(kind, hf, os.path.join(path, "config.json"), dtype=dtype,
+                      param_dtype=dtype or meta.get("dtype"))
+        try:
+            params = restore_params(path)
+        except Exception as e:  # noqa: BLE001 (orbax raises many types for damaged checkpoints)
+            raise ConversionError(f"{path}/{PARAMS_DIR}: cannot restore the Orbax checkpoint ({e.__class__.__name__})") from None
+        _check_shapes(kind, cfg, params, f"{path}/{PARAMS_DIR}")
+    else:
+        cfg = _config(kind, hf, os.path.join(_config_dir(path), "config.json"), dtype=dtype)
+        params = convert.from_torch(kind, dict(iter_state_dict(path, allow_pickle=allow_pickle)), cfg)
+    if getattr(cfg, "param_dtype", None) is not None:
+        params = _cast(params, cfg.param_dtype)
+    return models.build(kind, cfg), jax.tree.map(jnp.asarray, params)
+
+
+def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: str | None = None, force: bool = False,
+                       allow_pickle: bool = False, progress: bool = True) -> str:
+    """Converts a HF checkpoint into our format at `dst` atomically; returns the kind."""
+    import orbax.checkpoint as ocp
+
+    src, dst = os.path.abspath(src), os.path.abspath(os.path.normpath(dst))
+    kind, hf = resolve(src, kind)
+    if os.path.lexists(dst) and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
+    if dst == src or dst == _config_dir(src):
+        raise ConversionError(f"{dst}: the destination is the source directory")
+    cdir = _config_dir(src)
+    cfg = _config(kind, hf, os.path.join(cdir, "config.json"))
+    state_dict = dict(iter_state_dict(src, allow_pickle=allow_pickle, progress=progress))
+    params = convert.from_torch(kind, state_dict, cfg)
+    del state_dict
+    stored = dtype or getattr(cfg, "param_dtype", None)
+    if dtype is not None:
+        params = _cast(params, dtype)
+
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        for name in sorted(os.listdir(cdir)):
+            fpath = os.path.join(cdir, name)
+            if os.path.isfile(fpath) and name.endswith(_AUX_SUFFIXES) and name not in _WEIGHT_FILES and name != META_FILE:
+                shutil.copy2(fpath, os.path.join(tmp, name))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"kind": kind, "dtype": stored, "source": src, "format": "orbax-standard-params"}, f, indent=2)
+        if os.path.lexists(dst):  # --force: swap in, then drop the old copy
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.rmdir(backup)
+            os.replace(dst, backup)
+            os.replace(tmp, dst)
+            shutil.rmtree(backup) if os.path.isdir(backup) else os.remove(backup)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return kind
