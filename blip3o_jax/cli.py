@@ -38,9 +38,9 @@ def load_config(path: str, overrides: dict | None = None):
     import importlib.util
     import os
 
-    if not os.path.exists(path):
-        raise UserError(f"config file {path} does not exist")
-    name, _, arg = path.partition(":")
+    name, _, arg = path.partition(":")  # "file.py:arg" passes arg to get_config, as config_flags does
+    if not os.path.exists(name):
+        raise UserError(f"config file {name} does not exist")
     spec = importlib.util.spec_from_file_location("_blip3o_config", name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -136,6 +136,21 @@ def config_from_hf(kind: str, hf: dict) -> QwenConfig:
     )
 
 
+def from_config_dict(model_cfg) -> tuple[str, QwenConfig]:
+    """(kind, QwenConfig) from a `configs/qwen_*.py` model entry: `kind`, `hf` (transformers fields), `policy` (ours).
+
+    The policy is kept apart from the transformers fields on purpose: a HF config.json has its own `dtype` key (the
+    storage dtype), which must not silently become our compute dtype.
+    """
+    get = model_cfg.get if hasattr(model_cfg, "get") else model_cfg.__getitem__
+    kind = get("kind")
+    hf = get("hf")
+    hf = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+    policy = get("policy") or {}
+    policy = policy.to_dict() if hasattr(policy, "to_dict") else dict(policy)
+    return kind, dataclasses.replace(config_from_hf(kind, hf), **policy)
+
+
 def config_to_hf(kind: str, cfg: QwenConfig) -> dict:
     """A transformers config dict (model_type `kind`) for our config: builds reference models in tests/tools."""
     hf = dict(
