@@ -1,0 +1,100 @@
+"""DiT weights: the original's `NextDiTCrossAttn` state dict <-> our `models/dit.py` params.
+
+Torch names are those of the module tree under `model.dit.model.` in a BLIP3o checkpoint (reference §7,
+"Weight-name mapping"): the modified `LuminaNextDiT2DModel` with its `caption_projection`. The prefix may be
+present (`model.dit.model.`, `dit.model.`, `model.dit.`) or absent. diffusers' unused `pad_token` (present in
+newer diffusers `LuminaNextDiT2DModel`s, absent from the original) is accepted and dropped.
+
+Only layout changes: Linear weights are transposed; `patch_embedder.proj.weight` also has its input features
+permuted from torch's (C, ph, pw) patch flattening to our channels-last (ph, pw, C).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip3o_jax.convert.common import (
+    Rule,
+    abstract_shapes,
+    from_torch_by_rules,
+    linear_rules,
+    norm_rules,
+    strip_prefix,
+    to_torch_by_rules,
+)
+from blip3o_jax.models import dit as dit_lib
+from blip3o_jax.models import layers
+
+PREFIXES = ("model.dit.model.", "dit.model.", "model.dit.")
+IGNORED = (r"pad_token",)
+
+
+def _patch_rule(cfg: dit_lib.DiTConfig) -> Rule:
+    p, c = cfg.patch_size, cfg.in_channels
+
+    def to_flax(w):  # (dim, C*p*p) torch, features (C, ph, pw) -> (p*p*C, dim), features (ph, pw, C)
+        return np.transpose(w.reshape(w.shape[0], c, p, p), (2, 3, 1, 0)).reshape(p * p * c, w.shape[0])
+
+    def to_torch(k):  # inverse
+        return np.transpose(k.reshape(p, p, c, k.shape[1]), (3, 2, 0, 1)).reshape(k.shape[1], c * p * p)
+
+    return Rule("patch_embedder.proj.weight", "patch_embedder/proj/kernel", to_flax, to_torch)
+
+
+def block_rules(cfg: dit_lib.DiTConfig, torch_prefix: str, flax_prefix: str) -> list[Rule]:
+    """Rules of one LuminaNextDiTBlock (torch_prefix like "layers.{i}" for the scan-stacked layers)."""
+    t, f = torch_prefix, flax_prefix
+    rules = [Rule(f"{t}.gate", f"{f}/gate")]
+    for attn in ("attn1", "attn2"):
+        for proj in ("to_q", "to_k", "to_v"):
+            rules += linear_rules(f"{t}.{attn}.{proj}", f"{f}/{attn}/{proj}", bias=False)
+        if cfg.qk_norm:
+            rules += norm_rules(f"{t}.{attn}.norm_q", f"{f}/{attn}/norm_q", bias=True)
+            rules += norm_rules(f"{t}.{attn}.norm_k", f"{f}/{attn}/norm_k", bias=True)
+    rules += linear_rules(f"{t}.attn2.to_out.0", f"{f}/attn2/to_out", bias=False)
+    for lin in ("linear_1", "linear_2", "linear_3"):
+        rules += linear_rules(f"{t}.feed_forward.{lin}", f"{f}/feed_forward/{lin}", bias=False)
+    rules += linear_rules(f"{t}.norm1.linear", f"{f}/norm1/linear")
+    rules += norm_rules(f"{t}.norm1.norm", f"{f}/norm1/norm")
+    for norm in ("ffn_norm1", "norm2", "ffn_norm2", "norm1_context"):
+        rules += norm_rules(f"{t}.{norm}", f"{f}/{norm}")
+    return rules
+
+
+def rules(cfg: dit_lib.DiTConfig) -> list[Rule]:
+    out = [_patch_rule(cfg), Rule("patch_embedder.proj.bias", "patch_embedder/proj/bias")]
+    out += linear_rules("caption_projection.linear_1", "caption_projection/linear_1")
+    out += linear_rules("caption_projection.linear_2", "caption_projection/linear_2")
+    te = "time_caption_embed"
+    out += linear_rules(f"{te}.timestep_embedder.linear_1", f"{te}/timestep_embedder/linear_1")
+    out += linear_rules(f"{te}.timestep_embedder.linear_2", f"{te}/timestep_embedder/linear_2")
+    out += norm_rules(f"{te}.caption_embedder.0", f"{te}/caption_embedder_norm", bias=True)
+    out += linear_rules(f"{te}.caption_embedder.1", f"{te}/caption_embedder_linear")
+    if cfg.scan_layers:
+        out += block_rules(cfg, "layers.{i}", "layers")
+    else:
+        for i in range(cfg.n_layers):
+            out += block_rules(cfg, f"layers.{i}", f"layers_{i}")
+    out += linear_rules("norm_out.linear_1", "norm_out/linear_1")
+    out += linear_rules("norm_out.linear_2", "norm_out/linear_2")
+    return out
+
+
+def expected_shapes(cfg: dit_lib.DiTConfig) -> dict[str, tuple[int, ...]]:
+    x = jnp.zeros((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+    cond = jnp.zeros((1, 1, cfg.latent_embedding_size), jnp.float32)
+    return abstract_shapes(dit_lib.DiT(cfg), x, jnp.zeros((1,), jnp.float32), cond)
+
+
+def from_torch(kind: str, state_dict, cfg: dit_lib.DiTConfig):
+    """Flax params from the original's DiT state dict (any of `PREFIXES` or none); strict about keys and shapes."""
+    sd = strip_prefix(state_dict, PREFIXES)
+    params = from_torch_by_rules(rules(cfg), sd, expected_shapes(cfg), ignore=IGNORED, what="DiT checkpoint")
+    dtype = layers.to_dtype(cfg.param_dtype)
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+
+
+def to_torch(kind: str, params, cfg: dit_lib.DiTConfig) -> dict[str, np.ndarray]:
+    """The original's state-dict names (without prefix: prepend "model.dit.model." for a BLIP3o checkpoint)."""
+    return to_torch_by_rules(rules(cfg), params)
