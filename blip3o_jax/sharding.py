@@ -86,7 +86,12 @@ def make_mesh(axis_sizes: dict[str, int] | Sequence[int] | None = None, devices=
 def logical_to_spec(logical_axes: Sequence[str | None] | None, rules=LOGICAL_AXIS_RULES) -> P:
     if logical_axes is None:
         return P()
-    return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+    # a name repeated within one array (e.g. a square ("time", "time") kernel) shards only its first dimension
+    seen, names = set(), []
+    for name in logical_axes:
+        names.append(None if name is not None and name in seen else name)
+        seen.add(name)
+    return nn.logical_to_mesh_axes(tuple(names), rules)
 
 
 def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

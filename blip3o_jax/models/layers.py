@@ -24,7 +24,12 @@ def torch_linear_init(fan_in_axes: int = 1):
 
 
 def partitioned(init: Callable, names: Sequence[str | None]):
-    return nn.with_logical_partitioning(init, tuple(names))
+    # flax rejects a logical name used twice in one array (e.g. a square ("time", "time") kernel): keep the first
+    seen, unique = set(), []
+    for name in names:
+        unique.append(None if name is not None and name in seen else name)
+        seen.add(name)
+    return nn.with_logical_partitioning(init, tuple(unique))
 
 
 class Dense(nn.Module):
