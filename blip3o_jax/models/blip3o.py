@@ -1,0 +1,232 @@
+"""BLIP3-o: a Qwen backbone, learnable latent queries, and a DiT that generates image features from them.
+
+Text-to-image (reference §0, §2.3a): the prompt's token embeddings with `n_query` latent-query embeddings placed at
+the query slots go through the (frozen) backbone; the final-norm hidden states *at* the query slots (no shift) are
+the DiT's condition. The DiT predicts the flow-matching velocity of the target grid:
+- `eva_clip`: 8x8x1792 EVA-CLIP-E/14+ features of the 448 px image (the release, §1.3), computed by the frozen
+  `gen_encoder` in a no-grad function of the train step;
+- `precomputed`: the same grid read from the data (no encoder in the step);
+- `pixels`: the image itself in [-1, 1], which the DiT patchifies (tiny CPU configs: the demo turns samples into
+  pixels without a second decoder).
+
+Groups of parameters (top-level keys; trainable ones per `training/optimizer.py`): `backbone`, `latent_queries`,
+`dit`, `mse_head` (clip_mse loss), `gen_encoder` (frozen target encoder), `visual` + `mm_projector` (understanding
+tower, optional).
+
+Static shapes throughout: the data gives per-sample `query_index` (B, n_query) slot positions; queries are written
+with a scatter whose out-of-range indices are dropped (samples without a generation target keep their tokens) and
+read back with `take_along_axis`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip3o_jax.models import dit as dit_lib
+from blip3o_jax.models import layers
+from blip3o_jax.models import qwen as qwen_lib
+
+BACKBONE_KINDS = ("qwen2", "qwen2_5_vl_text", "qwen3")
+TARGETS = ("eva_clip", "precomputed", "pixels")
+LOSSES = ("clip_fm", "clip_mse")
+QUERY_PATHS = ("full", "prefix_cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip3oConfig:
+    backbone_kind: str = "qwen2_5_vl_text"
+    backbone: qwen_lib.QwenConfig = dataclasses.field(default_factory=qwen_lib.QwenConfig)
+    dit: dit_lib.DiTConfig = dataclasses.field(default_factory=dit_lib.DiTConfig)
+    n_query: int = 64  # latent queries (reference §1.4)
+    query_init_std: float = 1.0  # torch.randn as the original (§7.19: keep for checkpoint compatibility)
+    target: str = "eva_clip"  # eva_clip | precomputed | pixels
+    gen_encoder_kind: str | None = "eva_clip"
+    gen_encoder: Any = None  # the encoder's config dataclass (models/eva_clip.py)
+    image_size: int = 448  # side of the generation image the data delivers
+    target_grid: int = 8  # side of the DiT's input grid: 8 (pooled EVA features) or image_size (pixels)
+    target_channels: int = 1792  # channels of the DiT's input grid
+    loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly, §3.1)
+    query_path: str = "full"  # full | prefix_cache (prompt once without grad, queries attend to its K/V)
+
+    def __post_init__(self):
+        if self.backbone_kind not in BACKBONE_KINDS:
+            raise ValueError(f"Blip3oConfig.backbone_kind={self.backbone_kind!r}; expected one of {BACKBONE_KINDS}")
+        if self.target not in TARGETS:
+            raise ValueError(f"Blip3oConfig.target={self.target!r}; expected one of {TARGETS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Blip3oConfig.loss={self.loss!r}; expected one of {LOSSES}")
+        if self.query_path not in QUERY_PATHS:
+            raise ValueError(f"Blip3oConfig.query_path={self.query_path!r}; expected one of {QUERY_PATHS}")
+        if self.dit.latent_embedding_size != self.backbone.hidden_size:
+            raise ValueError(
+                f"the DiT's latent_embedding_size {self.dit.latent_embedding_size} must equal the backbone width "
+                f"{self.backbone.hidden_size} (the query states enter the DiT's caption projection directly, §1.4)"
+            )
+        if self.dit.in_channels != self.target_channels or self.dit.input_size != self.target_grid:
+            raise ValueError(
+                f"the DiT expects ({self.dit.input_size}, {self.dit.input_size}, {self.dit.in_channels}) inputs but "
+                f"the target grid is ({self.target_grid}, {self.target_grid}, {self.target_channels})"
+            )
+        if self.target == "pixels" and (self.target_grid != self.image_size or self.target_channels != 3):
+            raise ValueError("target='pixels' needs target_grid == image_size and target_channels == 3")
+        if self.target == "eva_clip" and self.gen_encoder is None:
+            raise ValueError("target='eva_clip' needs a gen_encoder config")
+
+    @property
+    def target_shape(self) -> tuple[int, int, int]:
+        return (self.target_grid, self.target_grid, self.target_channels)
+
+
+def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
+    """Blip3oConfig from either our nested dict (`{"backbone_kind", "backbone": {...}, "dit": {...}, ...}`, as the
+    training configs write it) or a released BLIP3-o `config.json` (a Qwen2.5-VL config plus BLIP3-o fields)."""
+    if kind != "blip3o":
+        raise ValueError(f"models/blip3o.py builds kind 'blip3o', not {kind!r}")
+    hf = dict(hf)
+    if "backbone" in hf:  # ours
+        backbone_kind = hf.get("backbone_kind", "qwen2_5_vl_text")
+        backbone = qwen_lib.config_from_hf(backbone_kind, {"model_type": backbone_kind, **dict(hf["backbone"])})
+        backbone = dataclasses.replace(backbone, **{k: v for k, v in dict(hf["backbone"]).items()
+                                                    if k in _POLICY_FIELDS})
+        dit_cfg = dict(hf["dit"])
+        dit_cfg.setdefault("latent_embedding_size", backbone.hidden_size)
+        dit = dit_lib.config_from_hf("dit", dit_cfg)
+        gen_encoder = None
+        gen_kind = hf.get("gen_encoder_kind", "eva_clip")
+        if hf.get("target", "eva_clip") == "eva_clip" and hf.get("gen_encoder") is not None:
+            from blip3o_jax import models
+
+            gen_encoder = models.config_from_hf(gen_kind, dict(hf["gen_encoder"]))
+        fields = {f.name for f in dataclasses.fields(Blip3oConfig)} - {"backbone", "dit", "gen_encoder"}
+        rest = {k: v for k, v in hf.items() if k in fields}
+        rest.setdefault("target_channels", dit.in_channels)
+        rest.setdefault("target_grid", dit.input_size)
+        return Blip3oConfig(backbone=backbone, dit=dit, gen_encoder=gen_encoder, **rest)
+    # a released checkpoint's config.json (reference §1.1, §1.4, §1.5, §8)
+    backbone_kind = "qwen2_5_vl_text" if hf.get("model_type", "").startswith("qwen2_5_vl") or "vision_config" in hf \
+        else hf.get("model_type", "qwen2_5_vl_text")
+    if backbone_kind.startswith("blip3o"):
+        backbone_kind = "qwen2_5_vl_text"
+    backbone = qwen_lib.config_from_hf(backbone_kind, hf)
+    dit = dit_lib.DiTConfig(latent_embedding_size=backbone.hidden_size)
+    gen_encoder = None
+    try:
+        from blip3o_jax.models import eva_clip
+
+        gen_encoder = eva_clip.config_from_hf("eva_clip", {})
+    except Exception:  # noqa: BLE001  (EVA model file not available: targets must be precomputed)
+        pass
+    return Blip3oConfig(
+        backbone_kind=backbone_kind, backbone=backbone, dit=dit, n_query=int(hf.get("n_query", 64)),
+        target="eva_clip" if gen_encoder is not None else "precomputed", gen_encoder=gen_encoder,
+    )
+
+
+# ours (not HF) fields of QwenConfig that a training config may set next to the HF ones
+_POLICY_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "remat_policy", "attention_impl")
+
+
+def build(kind: str, cfg: Blip3oConfig) -> "Blip3o":
+    if kind != "blip3o":
+        raise ValueError(f"models/blip3o.py builds kind 'blip3o', not {kind!r}")
+    return Blip3o(cfg)
+
+
+def scatter_queries(embeds, queries, query_index, has_queries):
+    """embeds (B,L,D) with rows `query_index` (B,nq) replaced by `queries` (B,nq,D) where `has_queries` (B,)."""
+    B, L, _ = embeds.shape
+    # out-of-range slots are dropped: samples without a generation target keep all their token embeddings
+    index = jnp.where(has_queries[:, None], query_index, L)
+    return embeds.at[jnp.arange(B)[:, None], index].set(queries.astype(embeds.dtype), mode="drop")
+
+
+def gather_queries(hidden, query_index):
+    """hidden (B,L,D) at positions `query_index` (B,nq) -> (B,nq,D)."""
+    return jnp.take_along_axis(hidden, query_index[..., None].astype(jnp.int32), axis=1)
+
+
+class Blip3o(nn.Module):
+    cfg: Blip3oConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.backbone = qwen_lib.build(cfg.backbone_kind, cfg.backbone)
+        self.latent_queries = self.param(
+            "latent_queries",
+            layers.partitioned(nn.initializers.normal(cfg.query_init_std), (None, None, "embed")),
+            (1, cfg.n_query, cfg.backbone.hidden_size),
+            layers.to_dtype(cfg.backbone.param_dtype),
+        )
+        if cfg.loss == "clip_fm":
+            self.dit = dit_lib.build("dit", cfg.dit)
+        else:  # clip_mse: a per-token projection head replaces the DiT (diffusion/losses.py)
+            from blip3o_jax.diffusion import losses
+
+            self.mse_head = losses.build_head(cfg.dit)
+        if cfg.target == "eva_clip":
+            from blip3o_jax import models
+
+            self.gen_encoder = models.build(cfg.gen_encoder_kind, cfg.gen_encoder)
+
+    # -- understanding + conditioning ---------------------------------------------------------------------------
+
+    def query_embeddings(self, batch_size: int):
+        return jnp.broadcast_to(self.latent_queries, (batch_size, *self.latent_queries.shape[1:]))
+
+    def encode(self, input_ids, attention_mask, positions, query_index, has_queries, *, compute_logits: bool = False):
+        """Backbone pass over prompts with the latent queries in place (`query_index` None: text only).
+
+        Returns (query_states (B, n_query, D) after the final norm, fp32 logits (B, L, V) or None).
+        """
+        B = input_ids.shape[0]
+        if self.cfg.query_path == "prefix_cache":
+            raise NotImplementedError("query_path='prefix_cache' is not implemented yet (issue 7); use 'full'")
+        embeds = self.backbone.embed(input_ids)
+        if query_index is not None:
+            embeds = scatter_queries(embeds, self.query_embeddings(B), query_index, has_queries)
+        hidden, logits, _ = self.backbone.forward(
+            inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, compute_logits=compute_logits
+        )
+        return (None if query_index is None else gather_queries(hidden, query_index)), logits
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def velocity(self, x_t, t, cond, cond_mask=None):
+        """The DiT: x_t (B, g, g, C), raw timesteps t (B,) in [0, 1000], cond (B, n_query, D) -> (B, g, g, C) fp32."""
+        return self.dit(x_t, t, cond, cond_mask)
+
+    def mse_prediction(self, query_states):
+        """clip_mse: the target grid regressed directly from the query states."""
+        return self.mse_head(query_states)
+
+    def targets(self, images):
+        """Generation targets (B, g, g, C) fp32 from uint8 images (B, S, S, 3); no gradient flows here."""
+        cfg = self.cfg
+        if cfg.target == "pixels":
+            return images.astype(jnp.float32) / 127.5 - 1.0
+        if cfg.target == "eva_clip":
+            from blip3o_jax import preprocessing
+            from blip3o_jax.models import eva_clip
+
+            pixels = preprocessing.normalize(images, preprocessing.CLIP_MEAN, preprocessing.CLIP_STD)
+            feats = self.gen_encoder(pixels)  # (B, 1024, 1792): last block, no final norm, CLS dropped (§1.3)
+            side = cfg.image_size // cfg.gen_encoder.patch_size
+            return eva_clip.pool_grid(feats, side // cfg.target_grid).astype(jnp.float32)  # early_pool2d_4
+        raise ValueError(f"target {cfg.target!r} comes precomputed from the data, not from images")
+
+    def __call__(self, input_ids, attention_mask, positions, query_index, has_queries, images):
+        """Touches every submodule once (for `init`); returns the velocity of a dummy noisy target."""
+        query_states, _ = self.encode(input_ids, attention_mask, positions, query_index, has_queries)
+        g, c = self.cfg.target_grid, self.cfg.target_channels
+        if self.cfg.loss == "clip_fm":
+            x_t = jnp.zeros((input_ids.shape[0], g, g, c), jnp.float32)
+            out = self.velocity(x_t, jnp.zeros((input_ids.shape[0],), jnp.float32), query_states)
+        else:
+            out = self.mse_prediction(query_states)
+        if self.cfg.target == "eva_clip":
+            out = out + self.targets(images)
+        return out

@@ -1,0 +1,173 @@
+"""Orbax checkpoints of a run: trainable state, data-iterator state and config; frozen weights; preemption.
+
+Layout of a workdir:
+  checkpoints/<step>/state    TrainState: step, trainable params (fp32 masters), optimizer state, rng, counters
+  checkpoints/<step>/data     the data iterator's position, one JSON per process (Grain's Orbax handler)
+  checkpoints/<step>/config   the run's config as JSON (what produced these weights)
+  frozen/                     frozen params (backbone, towers, generation encoder), written once per run
+Frozen weights never change, so they are not re-saved with every step (the 8B recipe would write ~16 GB each
+time); saving them once keeps the workdir self-contained for sampling.
+
+Restoring takes the abstract target (shapes, dtypes and *shardings* of the current mesh), so a checkpoint saved
+on one mesh restores onto any other (Orbax reshards on read).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+class Checkpointer:
+    """A `CheckpointManager` with items `state`, `data`, `config` and save-every-N / keep-last-K policy."""
+
+    def __init__(self, workdir: str, *, save_every: int, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.join(_abs(workdir), "checkpoints")
+        self.save_every = int(save_every)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=1,  # our loop decides when to save (every N, at the end, on SIGTERM)
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save interrupted by kill -9
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        try:
+            import grain
+
+            handlers["data"] = grain.checkpoint.CheckpointHandler()
+        except Exception:  # noqa: BLE001  (grain missing: no data item)
+            pass
+        self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
+                                             options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state, *, data_iterator=None, config: dict | None = None) -> None:
+        import grain
+
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int | None, abstract_state, *, data_iterator=None):
+        """The state at `step` (latest when None) laid out as `abstract_state` says; restores the iterator in place."""
+        import grain
+
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and (os.path.isdir(os.path.join(self.directory, str(step), "data"))):
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def read_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: the restore target for any mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Params-only checkpoints: frozen weights of a run and converted weights (`convert_torch_weights.py` output).
+
+
+def save_params(path: str, params) -> None:
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(_abs(path), params, force=True)
+
+
+def restore_params(path: str, abstract_params=None):
+    """Params saved by `save_params` / `convert_torch_weights.py`; onto `abstract_params`' shardings if given.
+
+    A converted checkpoint may hold only some top-level groups (e.g. `backbone`, or `gen_encoder`); with an abstract
+    target, only the groups present in the checkpoint are read.
+    """
+    path = _abs(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        if abstract_params is None:
+            return ckptr.restore(path)
+        stored = ckptr.metadata(path)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        target = {k: v for k, v in abstract_params.items() if k in stored_tree}
+        missing = sorted(set(stored_tree) - set(abstract_params))
+        if missing:
+            raise ValueError(f"{path} holds param groups {missing} that this model does not have "
+                             f"(model groups: {sorted(abstract_params)})")
+        return ckptr.restore(path, target)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (TPU/GCE preemption, `kill`) into a flag the loop polls: save, then exit cleanly.
+
+    Multi-host: every process receives the signal on a preemption; the loop additionally asks
+    `multihost_utils.reached_preemption_sync_point` where the distributed runtime is up.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = {}
+        for sig in (signal.SIGTERM,):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        logging.warning("received signal %d: saving a checkpoint and exiting", signum)
+        self._event.set()
+
+    def requested(self, step: int) -> bool:
+        if self._event.is_set():
+            return True
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils
+
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except Exception:  # noqa: BLE001  (preemption service not initialised)
+                return False
+        return False
+
+    def restore_handlers(self):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+
+
+def config_to_json(config) -> dict:
+    """An ml_collections config as plain JSON (tuples -> lists, non-JSON values -> str)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(d, default=str))
