@@ -161,6 +161,17 @@ def test_greedy_generation_matches_transformers(model):
     assert not np.array_equal(np.asarray(no_delta), free)
 
 
+@pytest.mark.parametrize("model", ["tied_p14"], indirect=True)
+def test_text_only_generation_matches_transformers(model):
+    rs = np.random.RandomState(5)
+    ids, mask = left_pad([list(rs.randint(1, 280, 7)), list(rs.randint(1, 280, 11))])
+    with torch.no_grad():
+        ref = model.torch_model.generate(input_ids=tt(ids), attention_mask=tt(mask), max_new_tokens=8,
+                                         do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    ours = qvl.generate(model.module, model.params, ids, mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
 def test_input_errors(model):
     ids, mask, pixels = batch(model.cfg)
     with pytest.raises(ValueError, match="does not match grid_thw"):

@@ -429,5 +429,15 @@ def encode(module: nn.Module, params, patches, grid_thw, *, num_tokens: int | No
     n_tokens = layout["token_order"].shape[0]
     if n_tokens > n_real:
         patches = jnp.concatenate([jnp.asarray(patches), jnp.zeros((n_tokens - n_real, cfg.patch_dim), patches.dtype)])
-    fn = jit_fn or jax.jit(lambda p, x, lay: module.apply({"params": p}, x, lay))
+    fn = jit_fn or jitted_apply(module)
     return fn(params, patches, layout)[: n_real // cfg.merge_unit]
+
+
+_JITTED: dict = {}
+
+
+def jitted_apply(module: nn.Module):
+    """One `jax.jit(module.apply)` per module (modules are hashable), so repeated `encode` calls reuse compilations."""
+    if module not in _JITTED:
+        _JITTED[module] = jax.jit(lambda p, x, lay: module.apply({"params": p}, x, lay))
+    return _JITTED[module]
