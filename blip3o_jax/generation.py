@@ -1,7 +1,7 @@
 """Autoregressive text generation for the Qwen models: prefill into a KV cache, then a jitted `lax.while_loop`.
 
-The whole loop is one compiled function per (model, batch, prompt length, max_new_tokens, stopping ids, greedy or
-sampling); it stops as soon as every row has produced an EOS. Transformers' eager `generate` pays Python overhead
+The whole loop is one compiled function per (model, batch, prompt length, max_new_tokens, greedy or sampling, number
+of EOS ids); it stops as soon as every row has produced an EOS. Transformers' eager `generate` pays Python overhead
 per token (reference: performance.md, "Decode"); here a step is one XLA call with a preallocated cache.
 """
 from __future__ import annotations
@@ -29,17 +29,19 @@ def sample_top_p(logits, rng, temperature, top_p):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_generate(module, max_new_tokens: int, eos_ids: tuple[int, ...], pad_token_id: int, sample: bool):
+def _compiled_generate(module, max_new_tokens: int, sample: bool):
+    """One jitted program per (module, max_new_tokens, greedy/sampling); shapes retrace inside jax.jit as usual.
+    EOS/pad ids, temperature and top_p are traced values, so changing them never recompiles."""
     cfg = module.cfg
     cache_dtype = layers.to_dtype(cfg.dtype)
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def select(logits, rng, temperature, top_p):
         if sample:
             return sample_top_p(logits, rng, temperature, top_p)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def run(params, input_ids, attention_mask, inputs_embeds, positions, position_offsets, rng, temperature, top_p):
+    def run(params, input_ids, attention_mask, inputs_embeds, positions, position_offsets, rng, temperature, top_p,
+            eos, pad_token_id):
         variables = {"params": params}
         B, L = attention_mask.shape
         attention_mask = attention_mask.astype(jnp.int32)
@@ -118,7 +120,7 @@ def generate(
     sample = temperature is not None and float(temperature) > 0
     if sample and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
-    fn = _compiled_generate(module, int(max_new_tokens), eos_ids, int(pad_token_id), sample)
+    fn = _compiled_generate(module, int(max_new_tokens), sample)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     attention_mask = jnp.asarray(attention_mask)
     return fn(
@@ -131,4 +133,6 @@ def generate(
         rng,
         jnp.float32(temperature if sample else 1.0),
         jnp.float32(top_p),
+        jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32),  # -1 never matches a token
+        jnp.int32(pad_token_id),
     )
