@@ -109,3 +109,22 @@ def test_mrope_positions_match_transformers(tok):
         fake, input_ids, mm_token_type_ids=(input_ids == special.image_pad).int(),
         image_grid_thw=torch.tensor([grid]))
     np.testing.assert_array_equal(ours, ref[:, 0].numpy())
+
+
+def test_fast_tokenizer_view_matches_transformers(tok):
+    """The pipeline's light tokenizer (Rust backend, no transformers in workers) gives identical ids."""
+    import pickle
+
+    from blip3o_jax.data.synthetic import caption_corpus
+
+    fast = pickle.loads(pickle.dumps(tokenizer_lib.FastTokenizer.from_transformers(tok)))
+    assert prompts.special_ids(fast) == prompts.special_ids(tok) and fast.pad_token_id == tok.pad_token_id
+    captions = caption_corpus(20) + ["ünïcode ✓  spaces", " ".join(["a red circle"] * 40)]
+    for c in captions:
+        for max_length in (None, 48):
+            np.testing.assert_array_equal(prompts.t2i_prompt_ids(fast, c, 4, max_length=max_length),
+                                          prompts.t2i_prompt_ids(tok, c, 4, max_length=max_length))
+        conv = [{"from": "human", "value": "<image>\n" + c}, {"from": "gpt", "value": c}]
+        for a, b in zip(prompts.conversation_ids(fast, conv, n_image_tokens=3),
+                        prompts.conversation_ids(tok, conv, n_image_tokens=3)):
+            np.testing.assert_array_equal(a, b)

@@ -248,7 +248,9 @@ class DataPipeline:
             min_image_size=int(_get(cfg, "min_image_size", 16)),
             max_aspect_ratio=float(_get(cfg, "max_aspect_ratio", 20.0)),
             jpeg_draft=bool(_get(cfg, "jpeg_draft", True)))
-        transform = transforms.SampleTransform(self.transform_config, tokenizer)
+        from blip3o_jax.data.tokenizer import FastTokenizer
+
+        transform = transforms.SampleTransform(self.transform_config, FastTokenizer.from_transformers(tokenizer))
         self.special_ids = transform.ids
         self.loader = SampleLoader(self.sources, self.tasks, transform, int(cfg.seed),
                                    int(_get(cfg, "max_retries", 32)))

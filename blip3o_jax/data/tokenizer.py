@@ -20,6 +20,49 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
 BLIP3O_ADDED_TOKENS = ("[IMG]", "[/IMG]", "<image>")
 
 
+class FastTokenizer:
+    """The part of a transformers fast tokenizer the data pipeline calls, directly over its Rust
+    `tokenizers.Tokenizer` (same ids and offsets). Pickles small and imports no `transformers`, so Grain worker
+    processes start quickly, and skips transformers' per-call Python overhead."""
+
+    def __init__(self, backend, pad_token_id: int | None, name_or_path: str = ""):
+        self.backend = backend
+        self.pad_token_id = pad_token_id
+        self.name_or_path = name_or_path
+
+    @classmethod
+    def from_transformers(cls, tokenizer):
+        """Wraps a transformers fast tokenizer; anything else (e.g. a slow tokenizer) is returned unchanged."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or isinstance(tokenizer, cls):
+            return tokenizer
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())  # a private copy: no padding/truncation state shared
+        backend.no_padding()
+        backend.no_truncation()
+        return cls(backend, tokenizer.pad_token_id, getattr(tokenizer, "name_or_path", ""))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False):
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        out = {"input_ids": enc.ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = enc.offsets
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def convert_tokens_to_ids(self, token: str):
+        return self.backend.token_to_id(token)
+
+    def __len__(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+
 def load_tokenizer(path: str):
     """A transformers tokenizer from a local directory (offline; a missing directory is a clear error)."""
     if not os.path.isdir(path):
