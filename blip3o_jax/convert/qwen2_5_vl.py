@@ -29,6 +29,14 @@ def from_torch(kind: str, state_dict, cfg: qvl.Qwen2_5_VLConfig):
     }
 
 
+def expected_shapes(kind: str, cfg: qvl.Qwen2_5_VLConfig) -> dict[str, tuple[int, ...]]:
+    """{param path: shape} of the full model (used to check restored converted checkpoints)."""
+    shapes = {f"visual/{k}": v for k, v in vision_convert.expected_shapes("qwen2_5_vl_vision", cfg.vision).items()}
+    shapes.update({f"language_model/{k}": v
+                   for k, v in text_convert.expected_shapes("qwen2_5_vl_text", cfg.text).items()})
+    return shapes
+
+
 def to_torch(kind: str, params, cfg: qvl.Qwen2_5_VLConfig) -> dict:
     if kind != "qwen2_5_vl":
         raise ValueError(f"convert.qwen2_5_vl: unknown kind {kind!r}")

@@ -38,7 +38,7 @@ def rules(cfg: qv.Qwen2_5_VLVisionConfig, prefix: str = "") -> list[Rule]:
     return out
 
 
-def expected_shapes(cfg: qv.Qwen2_5_VLVisionConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(kind: str, cfg: qv.Qwen2_5_VLVisionConfig) -> dict[str, tuple[int, ...]]:
     return abstract_shapes(qv.build("qwen2_5_vl_vision", cfg), *qv.init_args(cfg))
 
 
@@ -59,7 +59,7 @@ def from_torch(kind: str, state_dict, cfg: qv.Qwen2_5_VLVisionConfig):
     if kind != "qwen2_5_vl_vision":
         raise ValueError(f"convert.qwen2_5_vl_vision: unknown kind {kind!r}")
     prefix, visual = select_visual(state_dict)
-    return from_torch_by_rules(rules(cfg, prefix), visual, expected_shapes(cfg), what="Qwen2.5-VL vision checkpoint")
+    return from_torch_by_rules(rules(cfg, prefix), visual, expected_shapes(kind, cfg), what="Qwen2.5-VL vision checkpoint")
 
 
 def to_torch(kind: str, params, cfg: qv.Qwen2_5_VLVisionConfig, prefix: str = SAVE_PREFIX) -> dict:

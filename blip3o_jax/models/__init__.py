@@ -28,6 +28,7 @@ HF_MODEL_TYPES: dict[str, str] = {
     "qwen3": "qwen3",
     "qwen2_5_vl_text": "qwen2_5_vl_text",
     "qwen2_5_vl": "qwen2_5_vl",
+    "qwen2_5_vl_vision": "qwen2_5_vl_vision",
     "siglip_vision_model": "siglip_vision",
 }
 

@@ -36,8 +36,16 @@ class Qwen2_5_VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    # dtype policy for both halves (as every other model config has it, so `pretrained.load_pretrained(dtype=)`
+    # works): when set, it overrides the text and vision configs' own `dtype` / `param_dtype`
+    dtype: str | None = None
+    param_dtype: str | None = None
 
     def __post_init__(self):
+        policy = {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype)) if v is not None}
+        if policy:
+            object.__setattr__(self, "text", dataclasses.replace(self.text, **policy))
+            object.__setattr__(self, "vision", dataclasses.replace(self.vision, **policy))
         if self.text.mrope_section is None:
             raise ValueError("qwen2_5_vl: the text config needs mrope_section (M-RoPE)")
         if self.vision.out_hidden_size != self.text.hidden_size:
