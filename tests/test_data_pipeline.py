@@ -152,6 +152,11 @@ def test_finite_epoch_pads_last_batch(data, tok):
     assert valid.sum() == 60 and list(records) == list(range(60))
     assert batches[-1]["sample_valid"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     assert batches[-1]["input_ids"][4:].max() == tok.pad_token_id
+    # two processes: as many batches each, together every record exactly once
+    parts = [list(pipeline.DataPipeline(cfg, tok, process_index=i, process_count=2).iterator()) for i in range(2)]
+    assert [len(x) for x in parts] == [8, 8]
+    records = np.concatenate([b["record_id"][b["sample_valid"] == 1] for x in parts for b in x])
+    assert sorted(records.tolist()) == list(range(60))
 
 
 def test_mixed_task_batch_schema(data, tok):

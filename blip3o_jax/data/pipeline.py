@@ -169,31 +169,36 @@ class SampleLoader:
             f"{last.detail}, shard {last.shard}, key {last.key}); check the data or raise data.max_retries")
 
 
-class BatchBuilder:
-    """step -> this process's batch. A pure function of the step (used as a Grain MapDataset `map`)."""
+class LocalSample:
+    """Local sample index -> loaded sample (a Grain MapDataset `map`; a pure function of the index).
 
-    def __init__(self, elements: grain.MapDataset, num_elements: int | None, loader: SampleLoader,
-                 collator: transforms.Collator, batch_size: int):
-        self.elements, self.num_elements = elements, num_elements
-        self.loader, self.collator, self.batch_size = loader, collator, batch_size
+    Local index i of process p is global sample g = (i // B) * B_global + (i % B) * P + p. Past the end of a finite
+    run it returns a padding marker, so every process yields the same number of batches.
+    """
 
-    def __call__(self, step: int) -> dict[str, Any]:
-        samples, source_ids, record_ids, bad = [], [], [], []
-        for j in range(self.batch_size):
-            idx = int(step) * self.batch_size + j
-            if self.num_elements is not None and idx >= self.num_elements:
-                samples.append(None)
-                source_ids.append(0)
-                record_ids.append(0)
-                continue
-            d, r = self.elements[idx]
-            sample, used, bad_seen = self.loader.load(d, r)
-            samples.append(sample)
-            source_ids.append(d)
-            record_ids.append(used)
-            bad.extend(dataclasses.astuple(b) for b in bad_seen)
-        batch = self.collator(samples, source_ids, record_ids)
-        batch["_bad"] = tuple(bad)  # metadata for the iterator's metrics; not an array, never sent to devices
+    def __init__(self, local_elements: grain.MapDataset, num_local: int | None, loader: SampleLoader):
+        self.local_elements, self.num_local, self.loader = local_elements, num_local, loader
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        if self.num_local is not None and i >= self.num_local:
+            return {"pad": True}
+        d, r = self.local_elements[int(i)]
+        sample, used, bad_seen = self.loader.load(d, r)
+        return {"sample": sample, "source_id": d, "record_id": used,
+                "bad": tuple(dataclasses.astuple(b) for b in bad_seen)}
+
+
+class BatchCollator:
+    """Loaded samples -> batch dict (+ "_bad": bad-record metadata for the iterator's metrics, not an array)."""
+
+    def __init__(self, collator: transforms.Collator):
+        self.collator = collator
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        samples = [None if it.get("pad") else it["sample"] for it in items]
+        batch = self.collator(samples, [it.get("source_id", 0) for it in items],
+                              [it.get("record_id", 0) for it in items])
+        batch["_bad"] = tuple(b for it in items for b in it.get("bad", ()))
         return batch
 
 
@@ -261,14 +266,13 @@ class DataPipeline:
         self.elements = self._mixture()
         local = self.elements[self.process_index :: self.process_count]
         if self.num_epochs is None:
-            self.num_elements, self.num_steps = None, None
-            steps = grain.MapDataset.range(sys.maxsize)
+            self.num_steps = None
+            self.samples = grain.MapDataset.range(sys.maxsize).map(LocalSample(local, None, self.loader))
         else:
-            self.num_elements = len(local)
             self.num_steps = math.ceil(len(self.elements) / self.global_batch_size)
-            steps = grain.MapDataset.range(self.num_steps)
-        self._builder = BatchBuilder(local, self.num_elements, self.loader, self.collator, self.local_batch_size)
-        self.batches: grain.MapDataset = steps.map(self._builder)
+            self.samples = grain.MapDataset.range(self.num_steps * self.local_batch_size).map(
+                LocalSample(local, len(local), self.loader))
+        self.batch_collator = BatchCollator(self.collator)
 
     def _mixture(self) -> grain.MapDataset:
         """(source id, record id) for every global sample index, shuffled per source and epoch, mixed by weight."""
@@ -288,10 +292,12 @@ class DataPipeline:
     def schema(self) -> dict[str, tuple]:
         return transforms.batch_schema(self.transform_config, sorted(set(self.tasks)), self.local_batch_size)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, with_bad: bool = False) -> dict[str, np.ndarray]:
         """This process's batch at `step`, computed directly (no iterator): the pure function of the step."""
-        batch = dict(self.batches[step])
-        batch.pop("_bad", None)
+        b = self.local_batch_size
+        batch = self.batch_collator([self.samples[step * b + j] for j in range(b)])
+        if not with_bad:
+            batch.pop("_bad")
         return batch
 
     def iterator(self, start_step: int = 0) -> "DataIterator":
@@ -322,17 +328,23 @@ class DataIterator(grain.DatasetIterator):
         self._it = None
 
     def _make(self):
+        """Samples from this step on, decoded by Grain threads (and worker processes), batched in order.
+
+        Prefetch works per sample (so the first batch is decoded by all threads together); batching comes after
+        the prefetch, in this process, so the batches do not depend on the number of threads or workers.
+        """
         p, cfg = self.pipeline, self.pipeline.cfg
-        ds = p.batches[self.step :]
+        b = p.local_batch_size
+        ds = p.samples[self.step * b :]
         threads = int(_get(cfg, "num_threads", 2))
-        buffer = int(_get(cfg, "prefetch_batches", 4))
+        buffer = int(_get(cfg, "prefetch_batches", 4)) * b
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer if threads else 0))
         workers = int(_get(cfg, "worker_count", 0))
         if workers > 0:
             _ensure_absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                              per_worker_buffer_size=max(1, buffer // workers)))
-        return iter(ds)
+        return iter(ds.batch(b, drop_remainder=True, batch_fn=p.batch_collator))
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._it is None:
