@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blip3o_jax.models import layers
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
@@ -250,7 +251,7 @@ def pool_grid(features, stride: int = 4, grid_size: int | None = None):
     channels-last: element [b, i, j] averages tokens (i*stride + u) * grid + (j*stride + v). Works on NumPy and
     JAX arrays; the mean is accumulated in fp32.
     """
-    xp = jnp if isinstance(features, jax.Array) else __import__("numpy")
+    xp = jnp if isinstance(features, jax.Array) else np
     b, n, c = features.shape
     if grid_size is None:
         grid_size = int(round(n**0.5))

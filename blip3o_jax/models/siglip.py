@@ -18,7 +18,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from blip3o_jax.models import layers
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
