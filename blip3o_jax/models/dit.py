@@ -445,7 +445,7 @@ def init_params(cfg: DiTConfig, rng, batch: int = 1, num_cond_tokens: int = 1):
     model = DiT(cfg)
     x = jnp.zeros((batch, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
     cond = jnp.zeros((batch, num_cond_tokens, cfg.latent_embedding_size), jnp.float32)
-    return nn.unbox(model.init(rng, x, jnp.zeros((batch,), jnp.float32), cond)["params"])
+    return nn.unbox(jax.jit(model.init)(rng, x, jnp.zeros((batch,), jnp.float32), cond)["params"])
 
 
 def count_params(params) -> int:
