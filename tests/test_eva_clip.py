@@ -282,3 +282,24 @@ def test_full_size_config_shapes():
     assert out.shape == (2, 8, 8, 1792)
     with pytest.raises(ValueError, match="rope"):
         models.config_from_hf("eva_clip", {"vision_cfg": {**eva_clip_e["vision_cfg"], "rope": True}})
+
+
+def test_load_pretrained_standalone_tower_file(tmp_path):
+    """The layout of jiuhai/eva_clip_vision_tower: a pickled pytorch_model.bin of the bare transformer, next to
+    which we put the EVA-CLIP model json as config.json (it has no model_type, so the kind is named)."""
+    import json
+
+    from blip3o_jax import pretrained
+
+    case = build_case("postnorm_grid3")
+    cfg = case["cfg"]
+    vision_cfg = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.width, "layers": cfg.layers,
+                  "head_width": cfg.head_width, "mlp_ratio": cfg.mlp_ratio, "postnorm": True, "qkv_bias": True,
+                  "xattn": True, "eva_model_name": "eva-clip-tiny", "pool_stride": 1}
+    (tmp_path / "config.json").write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision_cfg}))
+    torch.save({k: torch.from_numpy(v) for k, v in case["sd"].items()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="refusing to unpickle"):
+        pretrained.load_pretrained(str(tmp_path), kind="eva_clip")
+    module, params = pretrained.load_pretrained(str(tmp_path), kind="eva_clip", allow_pickle=True)
+    got = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, jnp.asarray(case["images"]))
+    assert rel_err(got, case["want"]) <= 1e-4

@@ -152,3 +152,24 @@ def test_bf16_inference(case):
     got = apply_fn(cfg)(params, jnp.asarray(case["images"]))
     assert got.dtype == jnp.bfloat16
     assert rel_err(got, case["want"]) <= 2e-2, rel_err(got, case["want"])
+
+
+@pytest.mark.parametrize("full_model", [False, True], ids=["SiglipVisionModel", "SiglipModel"])
+def test_load_pretrained_from_save_pretrained(tmp_path, full_model):
+    """A transformers directory (config.json + safetensors) through blip3o_jax.load_pretrained, both the vision
+    model alone (model_type siglip_vision_model) and a full SiglipModel (model_type siglip, e.g. siglip2-so400m)."""
+    import blip3o_jax
+    from transformers import SiglipModel
+
+    hf_cfg, ref, sd, images, want = reference("grid5")
+    if full_model:
+        full = SiglipModel(SiglipConfig(vision_config=HF_CONFIGS["grid5"], text_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)))
+        full.vision_model.load_state_dict(ref.state_dict())
+        full.save_pretrained(tmp_path)
+    else:
+        ref.save_pretrained(tmp_path)
+    module, params = blip3o_jax.load_pretrained(str(tmp_path))
+    assert module.cfg.output_layer == "last" and module.cfg.num_hidden_layers == 3
+    got = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, jnp.asarray(images))
+    assert rel_err(got, want["last"]) <= 1e-4

@@ -89,6 +89,14 @@ def _expected(cfg: EvaClipConfig):
     return abstract_shapes(EvaVisionTransformer(cfg), images)
 
 
+
+def expected_shapes(kind: str, cfg) -> dict:
+    """{param path: shape} of the module for `cfg` (load_pretrained checks converted checkpoints against it)."""
+    if kind != "eva_clip":
+        raise ConversionError(f"eva_clip converter: unexpected kind {kind!r}")
+    return _expected(cfg)
+
+
 def from_torch(kind: str, state_dict, cfg: EvaClipConfig):
     if kind != "eva_clip":
         raise ConversionError(f"eva_clip converter: unexpected kind {kind!r}")

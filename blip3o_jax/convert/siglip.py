@@ -83,6 +83,14 @@ def _expected(cfg: SiglipVisionConfig):
     return abstract_shapes(SiglipVisionTransformer(cfg), images)
 
 
+
+def expected_shapes(kind: str, cfg) -> dict:
+    """{param path: shape} of the module for `cfg` (load_pretrained checks converted checkpoints against it)."""
+    if kind != "siglip_vision":
+        raise ConversionError(f"siglip_vision converter: unexpected kind {kind!r}")
+    return _expected(cfg)
+
+
 def from_torch(kind: str, state_dict, cfg: SiglipVisionConfig):
     if kind != "siglip_vision":
         raise ConversionError(f"siglip converter: unexpected kind {kind!r}")

@@ -30,6 +30,7 @@ HF_MODEL_TYPES: dict[str, str] = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen2_5_vl_vision": "qwen2_5_vl_vision",
     "siglip_vision_model": "siglip_vision",
+    "siglip": "siglip_vision",  # a full SiglipModel checkpoint (e.g. google/siglip2-so400m-patch16-512): its vision half
 }
 
 
