@@ -1,0 +1,212 @@
+"""The whole system on a laptop CPU in a few minutes: `make demo` (= `python -m blip3o_jax.demo`).
+
+1. writes synthetic WebDataset shards of single coloured shapes with captions ("a large red circle") and builds a
+   tiny tokenizer (blip3o_jax/data);
+2. trains the `tiny` config (configs/tiny.py) with the real train loop: frozen 2-layer Qwen3-style backbone +
+   latent queries + a small Lumina-Next DiT, flow matching, Orbax checkpoints;
+3. reloads the checkpoint, samples held-out prompts (fresh captions and noise, never-seen samples) and writes a PNG
+   grid with the prompts as captions;
+4. scores prompt following automatically: the dominant colour of each sample (nearest palette colour, background
+   excluded) against the prompt's colour, and the shape (best IoU of the coloured region against the six shape
+   templates) against the prompt's shape. The same scorer run on real images of the data is printed as the ceiling.
+
+The tiny DiT generates pixels directly (a 32x32 image = 8x8 patches of 4x4x3), not EVA-CLIP features: the release's
+second stage (an SDXL UNet decoding the features to pixels, reference §1.7) cannot run here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_WORKDIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "blip3o_demo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def _palette():
+    from blip3o_jax.data import synthetic
+
+    names = list(synthetic.COLORS)
+    colours = np.array([synthetic.COLORS[n] for n in names], np.float32)
+    backgrounds = np.array(synthetic.BACKGROUNDS, np.float32)
+    return names, colours, backgrounds
+
+
+def dominant_colour(image: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """(colour name, object mask): the most frequent object colour of an image (each pixel takes its nearest
+    palette colour, backgrounds excluded), and the pixels closer to that colour than to the image's background."""
+    names, colours, backgrounds = _palette()
+    px = image.reshape(-1, 3).astype(np.float32)
+    table = np.concatenate([colours, backgrounds])
+    dist = ((px[:, None, :] - table[None]) ** 2).sum(-1)
+    nearest = np.argmin(dist, axis=1)
+    counts = np.bincount(nearest, minlength=len(table))
+    if counts[: len(names)].sum() == 0:
+        return None, np.zeros(image.shape[:2], bool)
+    best = int(np.argmax(counts[: len(names)]))
+    background = len(names) + int(np.argmax(counts[len(names):]))
+    return names[best], (dist[:, best] < dist[:, background]).reshape(image.shape[:2])
+
+
+def _render(shape: str, size: int, cx: float, cy: float, radius: float, supersample: int = 4) -> np.ndarray:
+    """Soft (anti-aliased) mask of a shape drawn with the data generator's own code, values in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    from blip3o_jax.data import synthetic
+
+    k = supersample
+    img = Image.new("L", (size * k, size * k), 0)
+    # pixel centres: the generator draws in continuous coordinates on a size x size canvas
+    synthetic._draw(ImageDraw.Draw(img), shape, 255, cx * k, cy * k, radius * k)  # noqa: SLF001
+    return np.asarray(img.resize((size, size), Image.BOX), np.float32) / 255.0
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """The shape whose template (drawn at the region's centroid, best radius) overlaps the region most (soft IoU)."""
+    from blip3o_jax.data import synthetic
+
+    if mask.sum() < 3:
+        return None
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    area = float(mask.sum())
+    m = mask.astype(np.float32)
+    best, best_iou = None, -1.0
+    for shape in synthetic.SHAPES:
+        for scale in np.linspace(0.8, 1.3, 11):
+            radius = scale * np.sqrt(area / np.pi)  # around the radius of a disc of the region's area
+            t = _render(shape, size, cx, cy, radius)
+            iou = np.minimum(t, m).sum() / max(np.maximum(t, m).sum(), 1e-6)
+            if iou > best_iou:
+                best, best_iou = shape, iou
+    return best
+
+
+def parse_caption(caption: str) -> tuple[str | None, str | None]:
+    from blip3o_jax.data import synthetic
+
+    words = caption.split()
+    colour = next((w for w in words if w in synthetic.COLORS), None)
+    shape = next((w for w in words if w in synthetic.SHAPES), None)
+    return colour, shape
+
+
+def score(images: np.ndarray, captions) -> dict:
+    colour_hits, shape_hits, marks = [], [], []
+    for img, cap in zip(images, captions):
+        want_colour, want_shape = parse_caption(cap)
+        colour, mask = dominant_colour(img)
+        shape = classify_shape(mask)
+        colour_hits.append(colour == want_colour)
+        shape_hits.append(shape == want_shape)
+        marks.append("+" if colour == want_colour else "-")
+    return {"colour": float(np.mean(colour_hits)), "shape": float(np.mean(shape_hits)), "marks": marks}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo
+
+
+def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray]:
+    """Captions and real images of fresh synthetic samples (another seed than the training shards)."""
+    import io
+
+    from PIL import Image
+
+    from blip3o_jax.data import synthetic
+
+    captions, images = [], []
+    for i in range(n):
+        s = synthetic.sample(seed, i, image_size=32, max_objects=1)
+        captions.append(s["txt"])
+        images.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
+    return captions, np.stack(images)
+
+
+def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples: int = 4000, num_prompts: int = 24,
+        overrides: dict | None = None, fresh: bool = True) -> dict:
+    import shutil
+
+    import jax
+
+    from blip3o_jax.cli import load_config
+    from blip3o_jax.data import synthetic
+    from blip3o_jax.data.tokenizer import build_tiny_tokenizer
+    from blip3o_jax import sampling, train as train_lib
+
+    t_start = time.perf_counter()
+    if fresh and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+    data_dir = os.path.join(workdir, "data")
+    run_dir = os.path.join(workdir, "run")
+    print(f"[demo] 1/4 synthetic data: {num_samples} single-shape scenes (32x32) + tiny tokenizer in {data_dir}",
+          flush=True)
+    if not os.path.isdir(os.path.join(data_dir, "shards")):
+        synthetic.generate(os.path.join(data_dir, "shards"), num_samples, samples_per_shard=1000, image_size=32,
+                           max_objects=1, formats=("tar",), seed=0)
+        build_tiny_tokenizer(os.path.join(data_dir, "tokenizer"))
+    config = load_config(os.path.join(HERE, "configs", "tiny.py") + ":" + data_dir, overrides or {})
+    if steps is not None:
+        config.train.total_steps = int(steps)
+    print(f"[demo] 2/4 training configs/tiny.py for {config.train.total_steps} steps on "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s) -> {run_dir}", flush=True)
+    t_train = time.perf_counter()
+    last = train_lib.train(config, run_dir)
+    train_s = time.perf_counter() - t_train
+
+    print("[demo] 3/4 sampling held-out prompts from the checkpoint", flush=True)
+    model, params, config = sampling.load_trained(run_dir, config=config)
+    from blip3o_jax.data.tokenizer import load_tokenizer
+
+    sampler = sampling.Sampler(model, config, load_tokenizer(config.data.tokenizer))
+    captions, real = held_out_prompts(num_prompts)
+    grids = sampler(params, captions, jax.random.key(1234))
+    images = sampler.to_images(grids)
+
+    print("[demo] 4/4 scoring prompt following", flush=True)
+    result = score(images, captions)
+    ceiling = score(real, captions)
+    png = os.path.join(workdir, "samples.png")
+    sampling.image_grid(images, captions, marks=result["marks"]).save(png)
+    sampling.image_grid(real, captions).save(os.path.join(workdir, "real.png"))
+    total_s = time.perf_counter() - t_start
+    summary = {
+        "colour_match": result["colour"], "shape_match": result["shape"],
+        "colour_match_real_images": ceiling["colour"], "shape_match_real_images": ceiling["shape"],
+        "chance_colour": 1 / len(synthetic.COLORS), "chance_shape": 1 / len(synthetic.SHAPES),
+        "final_loss": last.get("loss"), "train_steps": int(config.train.total_steps), "train_s": round(train_s, 1),
+        "total_s": round(total_s, 1), "samples_png": png,
+    }
+    with open(os.path.join(workdir, "score.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"[demo] samples: {png} (real images of the same prompts: {os.path.join(workdir, 'real.png')})")
+    print(f"[demo] prompt-following score: colour {result['colour']:.0%} (chance {summary['chance_colour']:.0%}, "
+          f"real images {ceiling['colour']:.0%}), shape {result['shape']:.0%} (chance {summary['chance_shape']:.0%}, "
+          f"real images {ceiling['shape']:.0%}); {total_s:.0f} s in all, {train_s:.0f} s training")
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/tiny.py)")
+    p.add_argument("--num-samples", type=int, default=4000)
+    p.add_argument("--num-prompts", type=int, default=24)
+    args = p.parse_args(argv)
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    run(args.workdir, steps=args.steps, num_samples=args.num_samples, num_prompts=args.num_prompts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
