@@ -1,0 +1,153 @@
+"""Prefill and greedy-decode throughput of our Qwen LM vs transformers, same weights, same machine, one run.
+
+    python tools/bench_llm.py                       # ~88M-param Qwen3-style model, fp32, batch 4
+    python tools/bench_llm.py --layers 2 --decode_tokens 16 --iters 2     # quick
+
+Prefill: a batch of `prefill_len`-token prompts into a fresh KV cache, logits of the last token (what generation
+needs; transformers: `use_cache=True, logits_to_keep=1`). Decode: greedy generation of `decode_tokens` new tokens
+from a `decode_prompt`-token prompt, EOS disabled (transformers: `generate(do_sample=False, min_new_tokens=N)`;
+ours: `blip3o_jax.generation.generate`, one jitted `lax.while_loop`). Times are medians after warm-up; the first
+call (compile for us) is reported separately. Analytic FLOPs count matmuls only (2 per multiply-add; causal
+attention counts the keys each query actually sees); the matmul peaks are measured in the same run.
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+flags.DEFINE_integer("batch", 4, "Batch size for prefill and decode.")
+flags.DEFINE_integer("prefill_len", 256, "Prompt length for the prefill benchmark.")
+flags.DEFINE_integer("decode_prompt", 16, "Prompt length before decoding.")
+flags.DEFINE_integer("decode_tokens", 64, "New tokens per row in the decode benchmark.")
+flags.DEFINE_integer("hidden", 768, "Hidden size.")
+flags.DEFINE_integer("layers", 10, "Decoder layers.")
+flags.DEFINE_integer("heads", 12, "Query heads.")
+flags.DEFINE_integer("kv_heads", 4, "Key/value heads.")
+flags.DEFINE_integer("head_dim", 64, "Head dim.")
+flags.DEFINE_integer("intermediate", 2048, "MLP width.")
+flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
+flags.DEFINE_integer("iters", 3, "Timed runs per measurement (median reported), after one warm-up run.")
+flags.DEFINE_bool("scan_layers", True, "Use nn.scan over layers (False: a Python loop of layers).")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+
+    from blip3o_jax import benchmarking, convert, models
+    from blip3o_jax.generation import generate
+    from blip3o_jax.models import qwen
+
+    cfg = qwen.QwenConfig(
+        vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.intermediate,
+        num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads, num_key_value_heads=FLAGS.kv_heads,
+        head_dim=FLAGS.head_dim, attention_bias=False, qk_norm=True, tie_word_embeddings=True,
+        rope_theta=1_000_000.0, max_position_embeddings=4096, scan_layers=FLAGS.scan_layers,
+    )
+    kind = "qwen3"
+    B, L, P, N = FLAGS.batch, FLAGS.prefill_len, FLAGS.decode_prompt, FLAGS.decode_tokens
+    print(f"config: {cfg.num_params / 1e6:.1f}M params; jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen.config_to_hf(kind, cfg))).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    params = jax.device_put(convert.from_torch(kind, state_dict, cfg))
+    module = models.build(kind, cfg)
+
+    rng = np.random.RandomState(0)
+    prefill_ids = rng.randint(1, cfg.vocab_size, (B, L)).astype(np.int32)
+    decode_ids = rng.randint(1, cfg.vocab_size, (B, P)).astype(np.int32)
+    decode_mask = np.ones_like(decode_ids)
+
+    # ---------------- ours
+    @jax.jit
+    def prefill(p, ids):
+        cache = qwen.init_cache(cfg, ids.shape[0], ids.shape[1] + N)
+        hidden, _, cache = module.apply({"params": p}, ids, cache=cache, compute_logits=False, method=module.forward)
+        return module.apply({"params": p}, hidden[:, -1:], method=module.lm_logits)[:, 0], cache
+
+    last = {}  # the outputs of the last timed call, compared with transformers' below
+
+    def keep(name, value):
+        last[name] = value
+        return value
+
+    ids_dev = jnp.asarray(prefill_ids)
+    ours_prefill = benchmarking.time_it(lambda: keep("ours_prefill", prefill(params, ids_dev)), warmup=2,
+                                        iters=FLAGS.iters)
+    ours_decode = benchmarking.time_it(
+        lambda: keep("ours_decode", generate(module, params, decode_ids, decode_mask, max_new_tokens=N,
+                                             eos_token_id=None, pad_token_id=0)), warmup=1, iters=FLAGS.iters)
+
+    # ---------------- transformers
+    prefill_t = torch.tensor(prefill_ids, dtype=torch.long)
+    decode_t = torch.tensor(decode_ids, dtype=torch.long)
+
+    def hf_prefill():
+        with torch.no_grad():
+            return keep("hf_prefill", hf(input_ids=prefill_t, use_cache=True, logits_to_keep=1).logits)
+
+    def hf_decode():
+        with torch.no_grad():
+            return keep("hf_decode", hf.generate(input_ids=decode_t, attention_mask=torch.ones_like(decode_t),
+                                                 max_new_tokens=N, min_new_tokens=N, do_sample=False))
+
+    no_sync = lambda x: x  # noqa: E731  (torch CPU ops are synchronous)
+    hf_prefill_t = benchmarking.time_it(hf_prefill, warmup=2, iters=FLAGS.iters, sync=no_sync)
+    hf_decode_t = benchmarking.time_it(hf_decode, warmup=1, iters=FLAGS.iters, sync=no_sync)
+    ours_last_logits, ours_tokens = np.asarray(last["ours_prefill"][0]), np.asarray(last["ours_decode"])
+    hf_last_logits, hf_tokens = last["hf_prefill"][:, -1].numpy(), last["hf_decode"][:, P:].numpy()
+
+    # ---------------- peaks and FLOPs
+    jax_peak = benchmarking.jax_matmul_peak()
+    torch_peak = benchmarking.torch_matmul_peak()
+    prefill_flops = qwen.count_flops(cfg, B, L, context=(L + 1) / 2, logits_tokens=B)
+    decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N))  # + the short prefill
+    decode_flops += qwen.count_flops(cfg, B, P, context=(P + 1) / 2, logits_tokens=B)
+
+    def rates(t, flops, tokens, peak):
+        s = t["median_s"]
+        return {"tokens_per_s": tokens / s, "median_s": s, "first_call_s": t["first_call_s"],
+                "gflops_per_s": flops / s / 1e9, "fraction_of_matmul_peak": flops / s / peak}
+
+    result = {
+        "benchmark": "qwen_lm_prefill_decode",
+        "params_m": cfg.num_params / 1e6,
+        "dtype": "float32",
+        "batch": B, "prefill_len": L, "decode_prompt": P, "decode_tokens": N,
+        "prefill_gflop": prefill_flops / 1e9,
+        "ours_prefill": rates(ours_prefill, prefill_flops, B * L, jax_peak),
+        "hf_prefill": rates(hf_prefill_t, prefill_flops, B * L, torch_peak),
+        "ours_decode": rates(ours_decode, decode_flops, B * N, jax_peak),
+        "hf_decode": rates(hf_decode_t, decode_flops, B * N, torch_peak),
+        "jax_matmul_peak_gflops": jax_peak / 1e9,
+        "torch_matmul_peak_gflops": torch_peak / 1e9,
+        "prefill_speedup": hf_prefill_t["median_s"] / ours_prefill["median_s"],
+        "decode_speedup": hf_decode_t["median_s"] / ours_decode["median_s"],
+        "greedy_tokens_match": bool(np.array_equal(ours_tokens, hf_tokens)),
+        "prefill_last_logits_max_rel_diff": float(np.abs(ours_last_logits - hf_last_logits).max()
+                                                  / np.abs(hf_last_logits).max()),
+    }
+    for name in ("ours_prefill", "hf_prefill", "ours_decode", "hf_decode"):
+        r = result[name]
+        print(f"{name:13s} {r['tokens_per_s']:9.1f} tokens/s  median {r['median_s']:.3f}s  first call "
+              f"{r['first_call_s']:.2f}s  {r['gflops_per_s']:.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% "
+              "of matmul peak)", flush=True)
+    benchmarking.emit(result)
+
+
+if __name__ == "__main__":
+    app.run(main)
