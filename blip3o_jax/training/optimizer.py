@@ -79,4 +79,4 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
 
 
 def global_norm(tree: Any):
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)

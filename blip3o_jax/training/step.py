@@ -315,7 +315,7 @@ def make_train_step(config, mesh) -> TrainSetup:
             zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
             (loss, aux, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -331,8 +331,8 @@ def make_train_step(config, mesh) -> TrainSetup:
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(new_state.params),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(new_state.params),
             "lr": schedule(state.step),
             "gen_samples": totals["gen_count"],
             "nonfinite_total": new_state.nonfinite_total,
