@@ -113,3 +113,25 @@ def test_not_a_tar_and_missing_files(tmp_path):
         tar_index.build_index(str(bad))
     with pytest.raises(FileNotFoundError, match="no file matches"):
         sources.TarShardSource(str(tmp_path / "nothing-*.tar"))
+
+
+def test_concurrent_reads_with_descriptor_eviction(tmp_path):
+    """Decoding threads read many shards through a small descriptor cache: every read returns the right bytes."""
+    import concurrent.futures
+
+    for s in range(6):
+        write_tar(str(tmp_path / f"c-{s}.tar"), [(f"{s}-{i}", {"jpg": bytes([s, i]) * 500, "txt": f"{s} {i}"})
+                                                 for i in range(20)])
+    src = sources.TarShardSource(str(tmp_path / "c-*.tar"))
+    src._files = sources.FileHandles(limit=2)  # force constant eviction
+
+    def check(seed):
+        rng = np.random.default_rng(seed)
+        for r in rng.integers(0, len(src), 200):
+            s, i = divmod(int(r), 20)
+            sample = src[r]
+            assert sample.image == bytes([s, i]) * 500 and sample.text == f"{s} {i}".encode()
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(8)))

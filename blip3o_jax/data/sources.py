@@ -9,12 +9,14 @@ cached tar indices lazily, so nothing large crosses the process boundary.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import glob
 import json
 import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +57,51 @@ class RawSample:
     conversations: list | None = None
 
 
+class _ThreadHandles:
+    """One thread's open descriptors, closed when the thread ends (its thread-local storage is released)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def __del__(self):
+        if self.pid == os.getpid():
+            for fd in self.fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class FileHandles:
+    """Read-only descriptors cached per thread and per process (LRU). A descriptor is only ever used and closed
+    by the thread that opened it, so decoding threads never read through a descriptor another thread closed
+    (or whose number the OS has already reused); after a fork the child opens its own."""
+
+    def __init__(self, limit: int = 128):
+        self.limit = limit
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {"limit": self.limit}
+
+    def __setstate__(self, state):
+        self.__init__(state["limit"])
+
+    def get(self, path: str) -> int:
+        handles = getattr(self._local, "handles", None)
+        if handles is None or handles.pid != os.getpid():
+            handles = self._local.handles = _ThreadHandles()
+        fd = handles.fds.get(path)
+        if fd is None:
+            if len(handles.fds) >= self.limit:
+                os.close(handles.fds.popitem(last=False)[1])
+            fd = handles.fds[path] = os.open(path, os.O_RDONLY)
+        else:
+            handles.fds.move_to_end(path)
+        return fd
+
+
 def expand_paths(patterns: str | Sequence[str], what: str = "data") -> list[str]:
     """Sorted, de-duplicated files matching glob patterns (or plain paths); a pattern matching nothing is an error."""
     if isinstance(patterns, str):
@@ -88,8 +135,7 @@ class TarShardSource:
                 log.warning("dataset %r: shard %s holds no samples", name, shard)
         self._cum = np.concatenate([[0], np.cumsum(counts)])
         self._indices: dict[int, tar_index.TarIndex] = dict(enumerate(indices))
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._files = FileHandles()
 
     def __len__(self) -> int:
         return int(self._cum[-1])
@@ -99,28 +145,14 @@ class TarShardSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_indices"], state["_fds"] = {}, {}  # reopened lazily in the receiving process
+        state["_indices"] = {}  # memory-mapped again, lazily, in the receiving process
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pid = os.getpid()
 
     def _index(self, s: int) -> tar_index.TarIndex:
         ix = self._indices.get(s)
         if ix is None:
             ix = self._indices[s] = tar_index.get_index(self.shards[s], self.index_cache_dir)
         return ix
-
-    def _fd(self, s: int) -> int:
-        if self._pid != os.getpid():  # forked: descriptors are shared with the parent; open our own
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(s)
-        if fd is None:
-            if len(self._fds) >= 256:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
-        return fd
 
     def locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -139,7 +171,7 @@ class TarShardSource:
                 if ext in exts and group not in wanted:
                     wanted[group] = (ext, off, size)
         groups = list(wanted)
-        blobs = tar_index.read_ranges(self._fd(s), [(o, n) for _, o, n in wanted.values()])
+        blobs = tar_index.read_ranges(self._files.get(shard), [(o, n) for _, o, n in wanted.values()])
         sample = RawSample(shard=shard, key=key)
         for group, blob in zip(groups, blobs):
             ext, _, size = wanted[group]
@@ -151,11 +183,6 @@ class TarShardSource:
             else:
                 setattr(sample, group, blob)
         return sample
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
 
 
 class JsonSource:
@@ -191,8 +218,7 @@ class JsonSource:
                 self._records[f_id] = records
                 counts.append(len(records))
         self._cum = np.concatenate([[0], np.cumsum(np.array(counts, np.int64))])
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._files = FileHandles()
 
     def __len__(self) -> int:
         return int(self._cum[-1])
@@ -200,23 +226,9 @@ class JsonSource:
     def __repr__(self):
         return f"JsonSource({self.name!r}, files={len(self.files)}, samples={len(self)})"
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fds"] = {}
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pid = os.getpid()
-
     def _read_line(self, f_id: int, j: int) -> bytes:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(f_id)
-        if fd is None:
-            fd = self._fds[f_id] = os.open(self.files[f_id], os.O_RDONLY)
         off, n, _ = self._lines[f_id][j]
-        return os.pread(fd, int(n), int(off))
+        return os.pread(self._files.get(self.files[f_id]), int(n), int(off))
 
     def __getitem__(self, i: int) -> RawSample:
         i = int(i)
@@ -266,11 +278,6 @@ class JsonSource:
                                      shard=path, key=key) from None
             sample.image_ext = os.path.splitext(full)[1].lstrip(".").lower()
         return sample
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
 
 
 def _line_spans(path: str, chunk: int = 1 << 24) -> np.ndarray:
