@@ -218,3 +218,25 @@ def test_worker_processes_give_the_same_batches(data, tok):
             same(next(it), p.batch(step))
     finally:
         it.close()
+
+
+def test_json_list_source_with_image_root(data, tok, tmp_path):
+    import os
+
+    lines = [json.loads(x) for x in open(data["jsonl"]["t2i"])][:10]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(lines))
+    root = os.path.dirname(data["jsonl"]["t2i"])
+    cfg = make_cfg([{"name": "list", "paths": str(path), "task": "t2i", "image_root": root},
+                    {"name": "tar_i2t", "paths": data["b"], "task": "i2t"}], shuffle=False)
+    p = pipeline.DataPipeline(cfg, tok, process_index=0, process_count=1)
+    assert len(p.sources[0]) == 10
+    b = p.batch(0)
+    rows = b["task"] == 0
+    captions = [tok.decode(ids[m]) for ids, m in zip(b["input_ids"][rows], b["attention_mask"][rows].astype(bool))]
+    expected = [lines[r]["caption"] for r in b["record_id"][rows]]
+    assert all(e in c for c, e in zip(captions, expected)) and rows.sum() == 4
+    # image-to-text from a caption-only tar shard: the caption becomes the answer to a fixed question
+    i = np.nonzero(b["task"] == 1)[0][0]
+    text = tok.decode(b["input_ids"][i][b["attention_mask"][i] == 1])
+    assert "Describe the image.<|im_end|>\n<|im_start|>assistant\na " in text

@@ -134,7 +134,7 @@ def bench_wds(shards, tok, n):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--num-samples", type=int, default=800)
     ap.add_argument("--samples-per-shard", type=int, default=250)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--min-size", type=int, default=400)
