@@ -4,7 +4,6 @@ import io
 import json
 import logging
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -48,12 +48,10 @@ def original_transform(image, caption, tok):
 
     image = image.convert("RGB")
     w, h = image.size
-    scale = IMAGE_SIZE / min(w, h)
     nw, nh = (IMAGE_SIZE, int(IMAGE_SIZE * h / w)) if w <= h else (int(IMAGE_SIZE * w / h), IMAGE_SIZE)
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = int(round((nw - IMAGE_SIZE) / 2)), int(round((nh - IMAGE_SIZE) / 2))
     image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    del scale
     pixels = pp.normalize(np.asarray(image, np.uint8), pp.CLIP_MEAN, pp.CLIP_STD).transpose(2, 0, 1)
     ids = prompts.t2i_prompt_ids(tok, caption, N_QUERY, max_length=512)
     return pixels, ids
@@ -141,7 +139,8 @@ def main(argv=None):
     ap.add_argument("--max-size", type=int, default=900)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "blip3o_bench_data"))
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; best of them is reported")
-    ap.add_argument("--skip", default="", help="comma list of variants to leave out: ours_threads, ours_1core, ours_1core_nodraft, webdataset, hf_datasets")
+    ap.add_argument("--skip", default="", help="comma list of variants to leave out: ours_threads, ours_1core, "
+                    "ours_1core_nodraft, webdataset, hf_datasets")
     a = ap.parse_args(argv)
 
     data_dir = os.path.join(a.workdir, f"shapes-{a.num_samples}-{a.min_size}-{a.max_size}")

@@ -211,7 +211,8 @@ class _Tag:
 
 
 class DataPipeline:
-    """Builds the Grain dataset of per-process batches from a `data` config (see `default_config`)."""
+    """This process's share of the input from a `data` config (see `default_config`): `samples` (a Grain
+    MapDataset of loaded samples), `batch(step)` (the pure function) and `iterator(start_step)`."""
 
     def __init__(self, cfg, tokenizer=None, *, process_index: int | None = None, process_count: int | None = None):
         if process_index is None or process_count is None:
