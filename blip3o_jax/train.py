@@ -291,8 +291,8 @@ def train(config, workdir: str) -> dict:
                     checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
                 stop_reason = "preempted"
                 break
-        if pending is not None and stop_reason is None:
-            stop_reason = consume(*pending)
+        if pending is not None and stop_reason in (None, "preempted"):
+            stop_reason = consume(*pending) or stop_reason  # the last step's metrics (one-step lag)
     finally:
         checkpointer.close()
         watcher.restore_handlers()
