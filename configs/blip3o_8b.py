@@ -52,7 +52,7 @@ def get_config(arg: str = "", backbone: str = "qwen2_5_vl_7b"):
                        n_kv_heads=28, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                        dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=True, remat_policy="full")
     c.model.loss = "clip_fm"
-    c.model.query_path = "full"
+    c.model.query_path = "auto"  # prefix_cache while the backbone is frozen (exact; no prompt backward), else full
 
     # §1.6: uniform t over 1000 steps, 10 % condition drop; 30 Euler steps, CFG 3.0 at inference
     c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.1, num_inference_steps=30, guidance_scale=3.0))

@@ -53,7 +53,7 @@ def get_config(data_dir: str = ""):
         qk_norm=True,
     )
     c.model.loss = "clip_fm"
-    c.model.query_path = "full"
+    c.model.query_path = "auto"  # prefix_cache while the backbone is frozen (exact; no prompt backward), else full
 
     c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.1, num_inference_steps=20, guidance_scale=3.0))
 

@@ -205,6 +205,7 @@ def test_flops_accounting_matches_the_reference_table():
     from blip3o_jax.cli import load_config
 
     config = load_config(os.path.join(ROOT, "configs", "blip3o_8b.py"))
+    config.model.query_path = "full"  # the reference's recipe: backward through the whole sequence (§5.2)
     mcfg = step_lib.model_config(config)
     flops = metrics_lib.train_flops_per_sample(mcfg, seq_len=512, trainable=("dit", "latent_queries"),
                                                text_loss=False)

@@ -33,7 +33,11 @@ from blip3o_jax.models import qwen as qwen_lib
 BACKBONE_KINDS = ("qwen2", "qwen2_5_vl_text", "qwen3")
 TARGETS = ("eva_clip", "precomputed", "pixels")
 LOSSES = ("clip_fm", "clip_mse")
-QUERY_PATHS = ("full", "prefix_cache")
+# how the backbone computes the query states: "full" (the whole sequence with the queries in place, differentiable
+# everywhere), "prefix_cache" (the prompt once without gradient into a KV cache, then only the queries; exact for a
+# frozen backbone, models/prefix_cache.py) or "auto" (the training step picks prefix_cache for a frozen backbone
+# without a text loss, training/step.model_config; "full" anywhere else)
+QUERY_PATHS = ("full", "prefix_cache", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Blip3oConfig:
     target_grid: int = 8  # side of the DiT's input grid: 8 (pooled EVA features) or image_size (pixels)
     target_channels: int = 1792  # channels of the DiT's input grid
     loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly, §3.1)
-    query_path: str = "full"  # full | prefix_cache (prompt once without grad, queries attend to its K/V)
+    query_path: str = "full"  # full | prefix_cache | auto (see QUERY_PATHS)
 
     def __post_init__(self):
         if self.backbone_kind not in BACKBONE_KINDS:
@@ -183,8 +187,14 @@ class Blip3o(nn.Module):
         Returns (query_states (B, n_query, D) after the final norm, fp32 logits (B, L, V) or None).
         """
         B = input_ids.shape[0]
-        if self.cfg.query_path == "prefix_cache":
-            raise NotImplementedError("query_path='prefix_cache' is not implemented yet (issue 7); use 'full'")
+        if self.cfg.query_path == "prefix_cache" and query_index is not None:
+            if compute_logits:
+                raise ValueError("query_path='prefix_cache' gives the query states only; a text loss needs the "
+                                 "logits of every position: use query_path='full' (or 'auto')")
+            from blip3o_jax.models import prefix_cache
+
+            # rows without a generation target (has_queries False) get query states too; the loss weights them 0
+            return prefix_cache.encode_queries(self, input_ids, attention_mask, positions, query_index), None
         embeds = self.backbone.embed(input_ids)
         if query_index is not None:
             embeds = scatter_queries(embeds, self.query_embeddings(B), query_index, has_queries)

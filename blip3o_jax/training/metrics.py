@@ -71,6 +71,11 @@ def train_flops_per_sample(mcfg, *, seq_len: int, trainable, text_loss: bool) ->
     attn = bb.num_hidden_layers * seq_len * 2 * 2 * bb.num_attention_heads * bb.head_dim * seq_len
     fwd -= attn / 2
     out["backbone"] = fwd * (3 if "backbone" in trainable else 2)
+    if getattr(mcfg, "query_path", "full") == "prefix_cache" and "backbone" not in trainable:
+        # the prompt's forward only, then forward + activation backward of the n_query query tokens
+        from blip3o_jax.models import prefix_cache
+
+        out["backbone"] = prefix_cache.backbone_flops_per_sample(bb, seq_len, mcfg.n_query)["prefix_cache"]
     if mcfg.loss == "clip_fm":
         out["dit"] = float(dit_lib.flops_per_sample(mcfg.dit, mcfg.n_query)["train_step"])
     else:

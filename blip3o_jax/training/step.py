@@ -54,9 +54,22 @@ class TrainState:
 
 
 def model_config(config) -> blip3o_lib.Blip3oConfig:
-    """The model dataclass from `config.model` (a ConfigDict in our nested format)."""
-    return blip3o_lib.config_from_hf("blip3o", config.model.to_dict() if hasattr(config.model, "to_dict")
-                                     else dict(config.model))
+    """The model dataclass from `config.model` (a ConfigDict in our nested format).
+
+    `model.query_path="auto"` becomes "prefix_cache" when the backbone is frozen and there is no text loss (the
+    prompt runs once without its backward; exact, models/prefix_cache.py), "full" otherwise.
+    """
+    model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    train = config.get("train", {}) if hasattr(config, "get") else {}
+    frozen = bool(train.get("freeze_backbone", True))
+    text_loss = bool(train.get("text_loss_weight", 0.0))
+    path = model.get("query_path", "auto")
+    if path == "auto":
+        model["query_path"] = "prefix_cache" if frozen and not text_loss else "full"
+    elif path == "prefix_cache" and not frozen:
+        raise ValueError("model.query_path='prefix_cache' needs a frozen backbone (train.freeze_backbone=True): the "
+                         "prompt's K/V are constants there; use 'full' or 'auto'")
+    return blip3o_lib.config_from_hf("blip3o", model)
 
 
 def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
