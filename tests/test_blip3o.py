@@ -250,3 +250,29 @@ def test_clip_mse_variant_regresses_the_grid():
     pred = setup.model.apply({"params": params}, cond, method=blip3o_lib.Blip3o.mse_prediction)
     want = np.mean((np.asarray(pred) - batch["targets"]) ** 2)
     np.testing.assert_allclose(float(aux["gen_loss_sum"] / aux["gen_count"]), want, rtol=1e-5)
+
+
+def test_whole_checkpoint_conversion_round_trip(case):
+    from blip3o_jax.convert.common import ConversionError
+
+    mcfg, params = case["setup"].model_cfg, case["params"]
+    sd = convert.to_torch("blip3o", params, mcfg)
+    assert "model.latent_queries" in sd and any(k.startswith("model.dit.model.layers.") for k in sd)
+    sd["visual.blocks.0.attn.qkv.weight"] = np.zeros((3, 3), np.float32)  # the Qwen ViT is skipped, not an error
+    back = convert.from_torch("blip3o", sd, mcfg)
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+    sd["model.dit.model.unknown.weight"] = np.zeros((2,), np.float32)
+    with pytest.raises(ConversionError, match="unknown"):
+        convert.from_torch("blip3o", sd, mcfg)
+
+
+def test_config_from_a_released_checkpoint_config():
+    """A released BLIP3o-8B config.json is a Qwen2.5-VL config plus BLIP3-o fields (reference §8)."""
+    hf = {"model_type": "blip3o_qwen", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 151668, "rms_norm_eps": 1e-6,
+          "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+          "tie_word_embeddings": False, "n_query": 64, "vision_config": {}}
+    cfg = blip3o_lib.config_from_hf("blip3o", hf)
+    assert cfg.backbone_kind == "qwen2_5_vl_text" and cfg.backbone.hidden_size == 3584
+    assert cfg.dit.latent_embedding_size == 3584 and cfg.dit.dim == 1792 and cfg.dit.n_layers == 24
+    assert cfg.n_query == 64 and cfg.target_shape == (8, 8, 1792)

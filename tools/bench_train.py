@@ -1,0 +1,238 @@
+"""BLIP3-o train-step throughput: ours (JAX) vs a PyTorch step composed the way the original composes it, one run.
+
+  ours   blip3o_jax.training.step.make_train_step: one jitted step with the frozen Qwen3-style backbone (latent
+         queries scattered into the prompt, final-norm states at the query slots), the DiT's flow-matching loss,
+         AdamW (+ clipping) on the DiT and the queries, donated state
+  torch  transformers `Qwen3ForCausalLM` (frozen; requires_grad False, activation gradients still flow to the
+         queries) + `latent_queries` + diffusers `PixArtAlphaTextProjection` + `LuminaNextDiT2DModel
+         (cross_attention_dim=dim)` (the original's `NextDiTCrossAttn`, reference §1.5), the original's loss code
+         (§1.6), `clip_grad_norm_(1.0)` and `torch.optim.AdamW` over the trainable parameters
+
+Same shapes, fp32, targets given (precomputed: no encoder in either step). Rounds alternate ours and torch so that
+load on a shared machine hits both alike; medians after warm-up (first call = compile, reported separately),
+`block_until_ready`. Reports steps/s, samples/s, the analytic FLOPs per step (training/metrics.py:
+backbone forward + activation backward, DiT forward + backward), achieved FLOP/s and the fraction of each
+framework's f32 matmul peak measured in the same run. Last line: one JSON object.
+
+  python tools/bench_train.py                            # ~2-3 min on 2 CPU cores
+  python tools/bench_train.py --hidden 256 --layers 2 --dit-layers 2 --iters 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from blip3o_jax import benchmarking  # noqa: E402
+from blip3o_jax import sharding as shd  # noqa: E402
+from blip3o_jax.data import pipeline as data_pipeline  # noqa: E402
+from blip3o_jax.training import metrics as metrics_lib  # noqa: E402
+from blip3o_jax.training import step as step_lib  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=63, help="prompt tokens before [IMG] and the query slots")
+    p.add_argument("--n-query", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--dit-dim", type=int, default=512)
+    p.add_argument("--dit-layers", type=int, default=4)
+    p.add_argument("--dit-heads", type=int, default=8)
+    p.add_argument("--grid", type=int, default=8, help="target grid side (grid^2 DiT tokens)")
+    p.add_argument("--channels", type=int, default=256, help="target channels (1792 for EVA-CLIP)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--skip-torch", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_config(a) -> ml_collections.ConfigDict:
+    seq = a.prompt_len + 1 + a.n_query
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        backbone_kind="qwen3",
+        backbone=dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                      head_dim=a.head_dim, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+        n_query=a.n_query, target="precomputed", image_size=16, loss="clip_fm", query_path="full",
+        dit=dict(input_size=a.grid, patch_size=1, in_channels=a.channels, dim=a.dit_dim, n_layers=a.dit_layers,
+                 n_heads=a.dit_heads, n_kv_heads=a.dit_heads, multiple_of=256),
+    ))
+    c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.1))
+    c.data = data_pipeline.default_config()
+    c.data.datasets = [dict(name="bench", paths="unused", task="t2i")]
+    c.data.global_batch_size = a.batch
+    c.data.seq_buckets = (seq,)
+    c.data.n_query = a.n_query
+    c.train = ml_collections.ConfigDict(dict(total_steps=1000, lr=1e-4, min_lr=1e-5, warmup_steps=0,
+                                             freeze_backbone=True, text_loss_weight=0.0, grad_clip_norm=1.0))
+    c.log = ml_collections.ConfigDict(dict(sigma_buckets=5))
+    return c
+
+
+def make_batch(a, rs):
+    seq = a.prompt_len + 1 + a.n_query
+    ids = rs.randint(3, a.vocab, (a.batch, seq)).astype(np.int32)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((a.batch, seq), np.int32),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (a.batch, 1)),
+        "query_index": np.tile(np.arange(seq - a.n_query, seq, dtype=np.int32), (a.batch, 1)),
+        "task": np.zeros((a.batch,), np.int32),
+        "sample_valid": np.ones((a.batch,), np.int32),
+        "targets": rs.randn(a.batch, a.grid, a.grid, a.channels).astype(np.float32),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch
+
+
+def torch_step_fn(a, mcfg, batch):
+    import torch
+    import transformers
+    from diffusers.models.embeddings import PixArtAlphaTextProjection, get_2d_rotary_pos_embed_lumina
+    from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel
+
+    from blip3o_jax.models import qwen as qwen_lib
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen_lib.config_to_hf("qwen3", mcfg.backbone)))
+    lm.config._attn_implementation = "sdpa"
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    d = mcfg.dit
+    queries = torch.nn.Parameter(torch.randn(1, mcfg.n_query, d.latent_embedding_size))
+    caption_projection = PixArtAlphaTextProjection(d.latent_embedding_size, d.dim)
+    dit = LuminaNextDiT2DModel(
+        sample_size=d.input_size, patch_size=d.patch_size, in_channels=d.in_channels, hidden_size=d.dim,
+        num_layers=d.n_layers, num_attention_heads=d.n_heads, num_kv_heads=d.n_kv_heads, multiple_of=d.multiple_of,
+        ffn_dim_multiplier=d.ffn_dim_multiplier, norm_eps=d.norm_eps, learn_sigma=False, qk_norm=d.qk_norm,
+        cross_attention_dim=d.dim)
+    freqs_cis = get_2d_rotary_pos_embed_lumina(d.dim // d.n_heads, 384, 384)
+    trainable = [queries, *caption_projection.parameters(), *dit.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    mask = torch.from_numpy(batch["attention_mask"]).long()
+    x0 = torch.from_numpy(batch["targets"]).permute(0, 3, 1, 2).contiguous()
+    start = a.prompt_len + 1
+    B = ids.shape[0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        embeds = lm.model.embed_tokens(ids)
+        # as the original: the query slots' embeddings are replaced by the latent queries
+        embeds = torch.cat([embeds[:, :start], queries.expand(B, -1, -1)], dim=1)
+        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        cond = hidden[:, start:start + mcfg.n_query]
+        cond = cond * (torch.rand(B, 1, 1) > 0.1).to(cond.dtype)  # mask_drop(cond, 0.1)
+        t = torch.randint(1, 1001, (B,)).float()
+        sigma = (t / 1000.0)[:, None, None, None]
+        noise = torch.randn_like(x0)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        v = dit(x_t, t, caption_projection(cond), torch.ones(B, mcfg.n_query, dtype=torch.long), freqs_cis,
+                cross_attention_kwargs={}).sample
+        loss = torch.mean((v.float() - (noise - x0).float()) ** 2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    config = make_config(a)
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    setup = step_lib.make_train_step(config, mesh)
+    mcfg = setup.model_cfg
+    seq = a.prompt_len + 1 + a.n_query
+    flops = metrics_lib.train_flops_per_sample(mcfg, seq_len=seq, trainable=setup.trainable_names, text_loss=False)
+    flops_step = flops["total"] * a.batch
+    rs = np.random.RandomState(0)
+    host_batch = make_batch(a, rs)
+    state, frozen = setup.init(jax.random.key(0))
+    batch = {k: jax.device_put(v, setup.batch_shardings[k]) for k, v in host_batch.items()}
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], m = setup.step_fn(holder["state"], frozen, batch)
+        return m["loss"]
+
+    peak_jax = benchmarking.jax_matmul_peak()
+    t0 = time.perf_counter()
+    benchmarking.block(ours())
+    first_ours = time.perf_counter() - t0
+    ref = None
+    first_ref = None
+    if not a.skip_torch:
+        peak_torch = benchmarking.torch_matmul_peak()
+        ref = torch_step_fn(a, mcfg, host_batch)
+        t0 = time.perf_counter()
+        ref()
+        first_ref = time.perf_counter() - t0
+        ref()  # second warm-up: torch allocator caches
+    benchmarking.block(ours())
+    t_ours, t_ref = [], []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        benchmarking.block(ours())
+        t_ours.append(time.perf_counter() - t0)
+        if ref is not None:
+            t0 = time.perf_counter()
+            ref()
+            t_ref.append(time.perf_counter() - t0)
+    peak_jax = max(peak_jax, benchmarking.jax_matmul_peak())
+    s_ours = statistics.median(t_ours)
+    result = {
+        "bench": "train_step",
+        "config": {"batch": a.batch, "seq_len": seq, "n_query": a.n_query, "backbone": f"qwen3 {a.hidden}x{a.layers}",
+                   "dit": f"{a.dit_dim}x{a.dit_layers}", "grid": f"{a.grid}x{a.grid}x{a.channels}",
+                   "trainable": list(setup.trainable_names)},
+        "gflops_per_step": flops_step / 1e9,
+        "gflops_per_step_parts": {k: v * a.batch / 1e9 for k, v in flops.items() if k != "total"},
+        "ours": {"steps_per_s": 1 / s_ours, "samples_per_s": a.batch / s_ours, "median_s": s_ours,
+                 "compile_s": first_ours, "gflops_per_s": flops_step / s_ours / 1e9,
+                 "fraction_of_peak": flops_step / s_ours / peak_jax},
+        "jax_matmul_peak_gflops": peak_jax / 1e9,
+    }
+    if ref is not None:
+        peak_torch = max(peak_torch, benchmarking.torch_matmul_peak())
+        s_ref = statistics.median(t_ref)
+        result["torch"] = {"steps_per_s": 1 / s_ref, "samples_per_s": a.batch / s_ref, "median_s": s_ref,
+                           "first_call_s": first_ref, "gflops_per_s": flops_step / s_ref / 1e9,
+                           "fraction_of_peak": flops_step / s_ref / peak_torch}
+        result["torch_matmul_peak_gflops"] = peak_torch / 1e9
+        result["speedup_vs_torch"] = statistics.median([r / o for o, r in zip(t_ours, t_ref)])
+    print(f"ours: {1 / s_ours:.2f} steps/s ({flops_step / s_ours / 1e9:.1f} GFLOP/s, "
+          f"{flops_step / s_ours / peak_jax:.0%} of the f32 matmul peak); compile {first_ours:.1f} s")
+    if ref is not None:
+        print(f"torch: {1 / s_ref:.2f} steps/s ({flops_step / s_ref / 1e9:.1f} GFLOP/s, "
+              f"{flops_step / s_ref / peak_torch:.0%} of peak); speedup {result['speedup_vs_torch']:.2f}x")
+    benchmarking.emit(result)
+
+
+if __name__ == "__main__":
+    main()
