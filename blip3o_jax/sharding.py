@@ -151,6 +151,8 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
+    heartbeat_timeout_seconds: int | None = None,
+    initialization_timeout: int | None = None,
 ) -> None:
     """Starts JAX's multi-controller runtime from the environment.
 
@@ -158,20 +160,36 @@ def initialize_distributed(
     - `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` environment variables;
     - otherwise `jax.distributed.initialize()` auto-detects TPU pods and SLURM/Open MPI GPU clusters.
     A single process with nothing configured is left alone.
+
+    Failure detection: when a process dies, the coordination service notices its missing heartbeats after
+    `heartbeat_timeout_seconds` (env `BLIP3O_HEARTBEAT_TIMEOUT_S`; JAX's default 100 s) and terminates every
+    other process with "Terminating process because the JAX distributed service detected fatal errors ...
+    another task died", instead of leaving them blocked in a collective. `initialization_timeout` (env
+    `BLIP3O_INIT_TIMEOUT_S`; default 300 s) bounds the wait for all processes to connect.
     """
+    timeouts = {}
+    heartbeat = heartbeat_timeout_seconds or os.environ.get("BLIP3O_HEARTBEAT_TIMEOUT_S")
+    if heartbeat:
+        timeouts["heartbeat_timeout_seconds"] = int(heartbeat)
+    init_timeout = initialization_timeout or os.environ.get("BLIP3O_INIT_TIMEOUT_S")
+    if init_timeout:
+        timeouts["initialization_timeout"] = int(init_timeout)
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if coordinator_address:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
+        # CPU collectives across processes (loopback tests, CPU clusters); only the CPU client reads this. Not
+        # conditional on jax.default_backend(): asking for the backend would initialise it, and
+        # jax.distributed.initialize must come before that.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids,
+                                   **timeouts)
     elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) and (
         os.environ.get("BLIP3O_NO_DISTRIBUTED") != "1"
     ):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return
     logging.info("JAX distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -109,11 +109,12 @@ def test_two_processes_are_disjoint_and_complete(data, tok):
         assert not ids[0] & ids[1]
         assert ids[0] | ids[1] == set(zip(full["source_id"].tolist(), full["record_id"].tolist()))
         for key in ("input_ids", "gen_image", "query_index", "record_id"):
-            # global row 2j+p lives on process p as row j; pad both to the same bucket first
-            got = np.stack([halves[j % 2][key][j // 2] for j in range(8)]) if key != "input_ids" else None
+            # global row 4p+j lives on process p as row j (contiguous blocks, as make_global_batch lays them out);
+            # pad both to the same bucket first
+            got = np.stack([halves[j // 4][key][j % 4] for j in range(8)]) if key != "input_ids" else None
             if key == "input_ids":
                 length = full[key].shape[1]
-                rows = [np.pad(halves[j % 2][key][j // 2], (0, length - halves[j % 2][key].shape[1]),
+                rows = [np.pad(halves[j // 4][key][j % 4], (0, length - halves[j // 4][key].shape[1]),
                                constant_values=tok.pad_token_id) for j in range(8)]
                 got = np.stack(rows)
             np.testing.assert_array_equal(got, full[key])

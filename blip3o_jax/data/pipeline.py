@@ -4,8 +4,10 @@ static-shape batches, on Grain, with multi-worker decoding, checkpointable state
 Determinism (levanter style): every batch is a pure function of (config, seed, step). Global sample `g` of the
 run is the mixture's element `g`; each source is shuffled by Grain's index shuffle with a per-epoch seed, and
 the mixture interleaves the sources exactly in proportion to their weights (`grain.MapDataset.mix`). The global
-batch at step `s` holds samples `s*B .. s*B+B-1`; process `p` of `P` takes rows `g = s*B + j*P + p`, so the
-processes' slices are disjoint and together the whole batch, for any process count. Bad samples are replaced
+batch at step `s` holds samples `s*B .. s*B+B-1`; process `p` of `P` takes the contiguous block of rows
+`g = s*B + p*B/P + j` (j < B/P), which `make_global_batch` places at global rows `p*B/P + j` (process p's devices
+hold that block of the batch axis): the global batch is the same array, row for row, for any process count, so a
+run's losses do not depend on how many hosts it uses. Bad samples are replaced
 by a deterministic other record of the same source (a hash of seed, source, record and attempt), so
 replacement never depends on timing, worker count or what was seen before. The iterator's state is therefore
 just the step (plus metric counters): restoring it replays exactly the batches of an uninterrupted run.
@@ -172,17 +174,26 @@ class SampleLoader:
 class LocalSample:
     """Local sample index -> loaded sample (a Grain MapDataset `map`; a pure function of the index).
 
-    Local index i of process p is global sample g = (i // B) * B_global + (i % B) * P + p. Past the end of a finite
-    run it returns a padding marker, so every process yields the same number of batches.
+    Local index i of process p is global sample g = (i // B) * B_global + p * B + (i % B) (B the local batch): each
+    process reads its contiguous block of every global batch. Past the end of a finite run it returns a padding
+    marker, so every process yields the same number of batches.
     """
 
-    def __init__(self, local_elements: grain.MapDataset, num_local: int | None, loader: SampleLoader):
-        self.local_elements, self.num_local, self.loader = local_elements, num_local, loader
+    def __init__(self, elements: grain.MapDataset, num_elements: int | None, loader: SampleLoader, *,
+                 process_index: int, local_batch_size: int, global_batch_size: int):
+        self.elements, self.num_elements, self.loader = elements, num_elements, loader
+        self.process_index, self.local_batch_size = int(process_index), int(local_batch_size)
+        self.global_batch_size = int(global_batch_size)
+
+    def global_index(self, i: int) -> int:
+        b = self.local_batch_size
+        return (i // b) * self.global_batch_size + self.process_index * b + i % b
 
     def __call__(self, i: int) -> dict[str, Any]:
-        if self.num_local is not None and i >= self.num_local:
+        g = self.global_index(int(i))
+        if self.num_elements is not None and g >= self.num_elements:
             return {"pad": True}
-        d, r = self.local_elements[int(i)]
+        d, r = self.elements[g]
         sample, used, bad_seen = self.loader.load(d, r)
         return {"sample": sample, "source_id": d, "record_id": used,
                 "bad": tuple(dataclasses.astuple(b) for b in bad_seen)}
@@ -265,14 +276,16 @@ class DataPipeline:
         self.seed = int(cfg.seed)
         self.num_epochs = _get(cfg, "num_epochs")
         self.elements = self._mixture()
-        local = self.elements[self.process_index :: self.process_count]
+        slicing = dict(process_index=self.process_index, local_batch_size=self.local_batch_size,
+                       global_batch_size=self.global_batch_size)
         if self.num_epochs is None:
             self.num_steps = None
-            self.samples = grain.MapDataset.range(sys.maxsize).map(LocalSample(local, None, self.loader))
+            self.samples = grain.MapDataset.range(sys.maxsize).map(
+                LocalSample(self.elements, None, self.loader, **slicing))
         else:
             self.num_steps = math.ceil(len(self.elements) / self.global_batch_size)
             self.samples = grain.MapDataset.range(self.num_steps * self.local_batch_size).map(
-                LocalSample(local, len(local), self.loader))
+                LocalSample(self.elements, len(self.elements), self.loader, **slicing))
         self.batch_collator = BatchCollator(self.collator)
 
     def _mixture(self) -> grain.MapDataset:
