@@ -204,6 +204,12 @@ def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     shd.initialize_distributed()
     check_config(config)
+    from blip3o_jax.data import targets as targets_lib
+
+    try:  # precomputed targets (tools/precompute_targets.py): no image decode, no encoder in the step
+        config, precomputed = targets_lib.resolve(config)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(dict(config.mesh))
@@ -235,6 +241,8 @@ def train(config, workdir: str) -> dict:
     flops = metrics_lib.train_flops_per_sample(setup.model_cfg, seq_len=max(int(n) for n in config.data.seq_buckets),
                                                trainable=setup.trainable_names,
                                                text_loss=bool(config.train.get("text_loss_weight", 0.0)))
+    if precomputed.use:
+        writer.write_text(f"precomputed targets {precomputed.shape} from companion shards ({precomputed.reason})")
     writer.write_text(f"training {total_steps} steps from step {start} on {jax.device_count()} devices, mesh "
                       f"{dict(mesh.shape)}; trainable: {', '.join(setup.trainable_names)}; "
                       f"{flops['total'] / 1e9:.3g} GFLOPs/sample (at the longest sequence bucket); peak: {peak_how}")

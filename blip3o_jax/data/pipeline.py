@@ -30,6 +30,8 @@ Batch schema (dict of NumPy arrays, B = global_batch_size / process_count rows, 
                                    input_ids[:prompt_length] does not depend on the queries and can be cached
     gen_image       (B, S, S, 3) uint8  EVA-CLIP input (resize short side + centre crop, S = gen_image_size);
                                    normalise on the device with preprocessing.normalize(x, CLIP_MEAN, CLIP_STD)
+    targets         (B, g, g, C) bfloat16 (or float32: `target_dtype`)  instead of gen_image when `target_shape` is set: the precomputed
+                                   target grids read from companion shards (data/targets.py); no image decode
   with an image-to-text or text-only dataset
     labels          (B, L)  int32  pre-shifted targets: labels[:, t] = input_ids[:, t + 1]
     loss_mask       (B, L)  int32  1 where labels[:, t] is an assistant token (content or its <|im_end|>)
@@ -87,6 +89,14 @@ def default_config():
     c.worker_count = 0  # >0: decode in that many Grain worker processes (mp_prefetch)
     c.prefetch_batches = 4
     c.max_retries = 32  # replacement attempts for a bad sample before the source is declared unusable
+    # precomputed targets (tools/precompute_targets.py, data/targets.py): "auto" uses them when every text-to-image
+    # shard has them for this config's encoder (the trainer switches model.target to "precomputed"), True requires
+    # them, False ignores them. `target_shape` (set by that switch, or by hand with model.target="precomputed")
+    # makes the pipeline read `<shard>.targets.tar` instead of images; a dataset's `targets_dir` moves them.
+    c.precomputed_targets = "auto"
+    c.target_shape = ml_collections.FieldReference(None, field_type=tuple)
+    c.targets_fingerprint = ml_collections.FieldReference(None, field_type=str)  # checked against the shards
+    c.target_dtype = "bfloat16"  # of the stored targets (set by the switch from the shards' metadata)
     return c
 
 
@@ -253,6 +263,13 @@ class DataPipeline:
         if any(w <= 0 for w in self.weights):
             raise ValueError(f"dataset weights must be positive, got {self.weights}")
         self.sources = [sources.make_source(s, _get(cfg, "index_cache_dir")) for s in specs]
+        target_shape = _get(cfg, "target_shape")
+        if target_shape is not None:  # text-to-image samples read their precomputed target instead of the image
+            from blip3o_jax.data import targets
+
+            self.sources = targets.wrap_sources(self.sources, specs, self.tasks,
+                                                fp_id=_get(cfg, "targets_fingerprint"),
+                                                index_cache_dir=_get(cfg, "index_cache_dir"))
         for s in self.sources:
             if len(s) == 0:
                 raise sources.NoValidSampleError(f"dataset {s.name!r} has no samples")
@@ -264,7 +281,9 @@ class DataPipeline:
             system_prompt=_get(cfg, "system_prompt", prompts.SYSTEM_PROMPT),
             min_image_size=int(_get(cfg, "min_image_size", 16)),
             max_aspect_ratio=float(_get(cfg, "max_aspect_ratio", 20.0)),
-            jpeg_draft=bool(_get(cfg, "jpeg_draft", True)))
+            jpeg_draft=bool(_get(cfg, "jpeg_draft", True)),
+            target_shape=None if target_shape is None else tuple(int(n) for n in target_shape),
+            target_dtype=str(_get(cfg, "target_dtype", "bfloat16")))
         from blip3o_jax.data.tokenizer import FastTokenizer
 
         transform = transforms.SampleTransform(self.transform_config, FastTokenizer.from_transformers(tokenizer))

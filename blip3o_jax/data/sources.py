@@ -55,6 +55,7 @@ class RawSample:
     text: bytes | str | None = None
     meta: bytes | dict | None = None  # `<key>.json` member (bytes) or the JSON record itself (dict)
     conversations: list | None = None
+    target: Any = None  # precomputed generation target (data/targets.py), read instead of the image
 
 
 class _ThreadHandles:
@@ -123,7 +124,9 @@ class TarShardSource:
     def __init__(self, patterns: str | Sequence[str], *, name: str = "tar", index_cache_dir: str | None = None,
                  num_index_threads: int = 8, image_exts=IMAGE_EXTS, text_exts=TEXT_EXTS, meta_exts=META_EXTS):
         self.name = name
-        self.shards = [s for s in expand_paths(patterns, f"dataset {name!r}") if not s.endswith(".idx")]
+        # `*.tar` globs also match index files and precomputed-target companions (`name.targets.tar`): not samples
+        self.shards = [s for s in expand_paths(patterns, f"dataset {name!r}")
+                       if not s.endswith((".idx", ".targets.tar"))]
         self.index_cache_dir = index_cache_dir
         self.image_exts, self.text_exts, self.meta_exts = tuple(image_exts), tuple(text_exts), tuple(meta_exts)
         # Index every shard (headers only; cached), in threads since it is I/O bound.

@@ -38,6 +38,9 @@ class TransformConfig:
     und_patch_size: int = 14
     und_merge_size: int = 2
     i2t_question: str = "Describe the image."  # used when an image-to-text sample has a caption, not a dialogue
+    # (g, g, C): text-to-image samples carry a precomputed target grid (data/targets.py) instead of an image
+    target_shape: tuple[int, int, int] | None = None
+    target_dtype: str = "bfloat16"  # as stored: "bfloat16" (default) or "float32"
 
     @property
     def max_seq_len(self) -> int:
@@ -144,16 +147,22 @@ class SampleTransform:
     def t2i(self, raw: RawSample, source: str) -> dict[str, Any]:
         cfg = self.cfg
         caption = decode_text(raw, source)  # text first: cheaper than decoding the image
-        img = open_checked_image(raw, cfg, source)
-        try:
-            gen_image = pp.eva_preprocess(img, cfg.gen_image_size, draft=cfg.jpeg_draft)
-        except pp.BadImageError as e:
-            raise _bad(raw, "undecodable_image", str(e), source) from None
+        if cfg.target_shape is not None:  # precomputed target: no image decode at all
+            if raw.target is None:
+                raise _bad(raw, "missing_target", "sample has no precomputed target", source)
+            if tuple(raw.target.shape) != tuple(cfg.target_shape):
+                raise _bad(raw, "bad_target", f"target shape {raw.target.shape} != {tuple(cfg.target_shape)}", source)
+            image_field = {"targets": raw.target}
+        else:
+            img = open_checked_image(raw, cfg, source)
+            try:
+                image_field = {"gen_image": pp.eva_preprocess(img, cfg.gen_image_size, draft=cfg.jpeg_draft)}
+            except pp.BadImageError as e:
+                raise _bad(raw, "undecodable_image", str(e), source) from None
         ids = prompts.t2i_prompt_ids(self.tokenizer, caption, cfg.n_query, max_length=cfg.max_seq_len,
                                      prompt_format=cfg.prompt_format, names=cfg.token_names,
                                      system_prompt=cfg.system_prompt)
-        return {"task": TASKS["t2i"], "input_ids": ids, "query_start": len(ids) - cfg.n_query,
-                "gen_image": gen_image}
+        return {"task": TASKS["t2i"], "input_ids": ids, "query_start": len(ids) - cfg.n_query, **image_field}
 
     def i2t(self, raw: RawSample, source: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -213,7 +222,13 @@ def batch_schema(cfg: TransformConfig, tasks: Sequence[str], batch_size: int) ->
     if "t2i" in tasks:
         schema["query_index"] = ((b, cfg.n_query), np.int32)
         schema["prompt_length"] = ((b,), np.int32)
-        schema["gen_image"] = ((b, cfg.gen_image_size, cfg.gen_image_size, 3), np.uint8)
+        if cfg.target_shape is not None:  # as stored (bfloat16 by default: half the host-to-device bytes)
+            import ml_dtypes
+
+            dtype = ml_dtypes.bfloat16 if cfg.target_dtype == "bfloat16" else np.float32
+            schema["targets"] = ((b, *cfg.target_shape), dtype)
+        else:
+            schema["gen_image"] = ((b, cfg.gen_image_size, cfg.gen_image_size, 3), np.uint8)
     if "i2t" in tasks or "text" in tasks:
         schema["labels"] = ((b, "L"), np.int32)
         schema["loss_mask"] = ((b, "L"), np.int32)
@@ -258,7 +273,10 @@ class Collator:
             if "query_start" in s:
                 out["query_index"][i] = s["query_start"] + np.arange(cfg.n_query, dtype=np.int32)
                 out["prompt_length"][i] = s["query_start"]
-                out["gen_image"][i] = s["gen_image"]
+                if "targets" in s:
+                    out["targets"][i] = s["targets"]
+                else:
+                    out["gen_image"][i] = s["gen_image"]
             if "target" in s:  # labels pre-shifted: position t predicts token t+1
                 out["labels"][i, : n - 1] = s["input_ids"][1:]
                 out["loss_mask"][i, : n - 1] = s["target"][1:]

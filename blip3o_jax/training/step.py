@@ -92,7 +92,8 @@ def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
         spec["query_index"] = ((B, int(m.n_query)), jnp.int32)
         if m.target == "precomputed":
             g, c = int(m.dit["input_size"]), int(m.dit["in_channels"])
-            spec["targets"] = ((B, g, g, c), jnp.float32)
+            # as stored and read (data/targets.py): bfloat16 unless the targets were written in float32
+            spec["targets"] = ((B, g, g, c), jnp.float32 if d.get("target_dtype") == "float32" else jnp.bfloat16)
         else:
             s = int(m.image_size)
             spec["gen_image"] = ((B, s, s, 3), jnp.uint8)
