@@ -276,3 +276,52 @@ def test_config_from_a_released_checkpoint_config():
     assert cfg.backbone_kind == "qwen2_5_vl_text" and cfg.backbone.hidden_size == 3584
     assert cfg.dit.latent_embedding_size == 3584 and cfg.dit.dim == 1792 and cfg.dit.n_layers == 24
     assert cfg.n_query == 64 and cfg.target_shape == (8, 8, 1792)
+
+
+def test_understanding_tower_matches_the_full_qwen2_5_vl():
+    """Image-to-text rows: our Qwen2.5-VL ViT tokens in the <|image_pad|> slots at 3-D M-RoPE positions give the
+    logits of models/qwen2_5_vl.py (the understanding model, itself checked against transformers)."""
+    from blip3o_jax.models import qwen2_5_vl as qvl
+
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
+                  fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    text = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    image_pad, vstart, vend = 90, 91, 92
+    config = tiny_config(backbone_kind="qwen2_5_vl_text", backbone=text, und_tower_kind="qwen2_5_vl_vision",
+                         und_tower=vision, und_image_size=56)
+    mcfg = step_lib.model_config(config)
+    model = blip3o_lib.build("blip3o", mcfg)
+    ref_cfg = qvl.Qwen2_5_VLConfig(text=mcfg.backbone, vision=mcfg.und_tower, image_token_id=image_pad,
+                                   vision_start_token_id=vstart, vision_end_token_id=vend)
+    ref = qvl.build("qwen2_5_vl", ref_cfg)
+    rs = np.random.RandomState(4)
+    n_img = 4  # 56 px -> 4x4 patches -> 2x2 merged tokens
+    rows = [list(rs.randint(3, 80, 3)) + [vstart] + [image_pad] * n_img + [vend] + list(rs.randint(3, 80, 5)),
+            list(rs.randint(3, 80, 2)) + [vstart] + [image_pad] * n_img + [vend] + list(rs.randint(3, 80, 3))]
+    Lx = max(len(r) for r in rows)
+    ids = np.zeros((2, Lx), np.int32)
+    mask = np.zeros((2, Lx), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], mask[b, :len(r)] = r, 1
+    patches = rs.randn(2, 16, mcfg.und_tower.patch_dim).astype(np.float32)
+    prep = qvl.prepare_inputs(ref_cfg, ids, mask, np.tile([[1, 4, 4]], (2, 1)))
+    ref_params = qvl.init_args(ref_cfg)
+    ref_params = nn_unbox(ref.init(jax.random.key(1), *ref_params)["params"])
+    ours = {"backbone": ref_params["language_model"], "visual": ref_params["visual"],
+            "latent_queries": np.zeros((1, NQ, 64), np.float32)}
+    want = ref.apply({"params": ref_params}, ids, mask, prep["positions"], patches.reshape(32, -1),
+                     prep["vision_layout"], prep["image_index"])
+    und_index = np.stack([np.flatnonzero(r == image_pad) for r in ids]).astype(np.int32)
+    _, got = model.apply({"params": ours}, ids, mask, jnp.asarray(prep["positions"]), None, None,
+                         compute_logits=True, und_inputs=patches, und_index=und_index,
+                         has_und=jnp.ones((2,), bool), method=blip3o_lib.Blip3o.encode)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-4,
+                               atol=1e-4 * float(np.max(np.abs(want))))
+
+
+def nn_unbox(tree):
+    return step_lib.plain_unbox(tree)

@@ -38,6 +38,7 @@ LOSSES = ("clip_fm", "clip_mse")
 # frozen backbone, models/prefix_cache.py) or "auto" (the training step picks prefix_cache for a frozen backbone
 # without a text loss, training/step.model_config; "full" anywhere else)
 QUERY_PATHS = ("full", "prefix_cache", "auto")
+UND_TOWERS = (None, "qwen2_5_vl_vision", "siglip_vision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,11 @@ class Blip3oConfig:
     target_channels: int = 1792  # channels of the DiT's input grid
     loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly, §3.1)
     query_path: str = "full"  # full | prefix_cache | auto (see QUERY_PATHS)
+    # understanding tower (optional; image-to-text training): the Qwen2.5-VL ViT (its merger already outputs the
+    # LLM width, §1.2) or SigLIP + a trainable mlp2x_gelu projector (Qwen3-SigLIP2 branch, §1.9)
+    und_tower_kind: str | None = None  # None | qwen2_5_vl_vision | siglip_vision
+    und_tower: Any = None
+    und_image_size: int = 448
 
     def __post_init__(self):
         if self.backbone_kind not in BACKBONE_KINDS:
@@ -79,6 +85,10 @@ class Blip3oConfig:
             raise ValueError("target='pixels' needs target_grid == image_size and target_channels == 3")
         if self.target == "eva_clip" and self.gen_encoder is None:
             raise ValueError("target='eva_clip' needs a gen_encoder config")
+        if self.und_tower_kind not in UND_TOWERS:
+            raise ValueError(f"Blip3oConfig.und_tower_kind={self.und_tower_kind!r}; expected one of {UND_TOWERS}")
+        if self.und_tower_kind is not None and self.und_tower is None:
+            raise ValueError(f"und_tower_kind={self.und_tower_kind!r} needs an und_tower config")
 
     @property
     def target_shape(self) -> tuple[int, int, int]:
@@ -105,11 +115,16 @@ def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
             from blip3o_jax import models
 
             gen_encoder = models.config_from_hf(gen_kind, dict(hf["gen_encoder"]))
-        fields = {f.name for f in dataclasses.fields(Blip3oConfig)} - {"backbone", "dit", "gen_encoder"}
+        und_tower = None
+        if hf.get("und_tower_kind"):
+            from blip3o_jax import models
+
+            und_tower = models.config_from_hf(hf["und_tower_kind"], dict(hf["und_tower"]))
+        fields = {f.name for f in dataclasses.fields(Blip3oConfig)} - {"backbone", "dit", "gen_encoder", "und_tower"}
         rest = {k: v for k, v in hf.items() if k in fields}
         rest.setdefault("target_channels", dit.in_channels)
         rest.setdefault("target_grid", dit.input_size)
-        return Blip3oConfig(backbone=backbone, dit=dit, gen_encoder=gen_encoder, **rest)
+        return Blip3oConfig(backbone=backbone, dit=dit, gen_encoder=gen_encoder, und_tower=und_tower, **rest)
     # a released checkpoint's config.json (reference §1.1, §1.4, §1.5, §8)
     backbone_kind = "qwen2_5_vl_text" if hf.get("model_type", "").startswith("qwen2_5_vl") or "vision_config" in hf \
         else hf.get("model_type", "qwen2_5_vl_text")
@@ -153,6 +168,21 @@ def gather_queries(hidden, query_index):
     return jnp.take_along_axis(hidden, query_index[..., None].astype(jnp.int32), axis=1)
 
 
+class MLPProjector(nn.Module):
+    """mlp2x_gelu (the Qwen3-SigLIP2 `mm_projector`): Linear(C -> D) -> GELU -> Linear(D -> D), `linear_1/2`."""
+
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=layers.to_dtype(self.dtype), param_dtype=layers.to_dtype(self.param_dtype))
+        x = layers.Dense(self.features, kernel_axes=("patch", "embed"), name="linear_1", **kw)(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return layers.Dense(self.features, kernel_axes=("mlp", "embed"), name="linear_2", **kw)(x)
+
+
 class Blip3o(nn.Module):
     cfg: Blip3oConfig
 
@@ -175,19 +205,28 @@ class Blip3o(nn.Module):
             from blip3o_jax import models
 
             self.gen_encoder = models.build(cfg.gen_encoder_kind, cfg.gen_encoder)
+        if cfg.und_tower_kind is not None:
+            from blip3o_jax import models
+
+            self.visual = models.build(cfg.und_tower_kind, cfg.und_tower)
+            if cfg.und_tower_kind == "siglip_vision":
+                self.mm_projector = MLPProjector(cfg.backbone.hidden_size, cfg.backbone.dtype, cfg.backbone.param_dtype)
 
     # -- understanding + conditioning ---------------------------------------------------------------------------
 
     def query_embeddings(self, batch_size: int):
         return jnp.broadcast_to(self.latent_queries, (batch_size, *self.latent_queries.shape[1:]))
 
-    def encode(self, input_ids, attention_mask, positions, query_index, has_queries, *, compute_logits: bool = False):
+    def encode(self, input_ids, attention_mask, positions, query_index, has_queries, *, compute_logits: bool = False,
+               und_inputs=None, und_index=None, has_und=None):
         """Backbone pass over prompts with the latent queries in place (`query_index` None: text only).
 
-        Returns (query_states (B, n_query, D) after the final norm, fp32 logits (B, L, V) or None).
+        und_inputs: understanding images of the rows with `has_und` (B,): Qwen2.5-VL patches (B, N, 1176), or
+        uint8 images (B, S, S, 3) for SigLIP; their tokens replace the embeddings at `und_index` (B, n_und), the
+        `<|image_pad|>` slots. Returns (query_states (B, n_query, D) after the final norm, fp32 logits or None).
         """
         B = input_ids.shape[0]
-        if self.cfg.query_path == "prefix_cache" and query_index is not None:
+        if self.cfg.query_path == "prefix_cache" and query_index is not None and und_inputs is None:
             if compute_logits:
                 raise ValueError("query_path='prefix_cache' gives the query states only; a text loss needs the "
                                  "logits of every position: use query_path='full' (or 'auto')")
@@ -196,12 +235,36 @@ class Blip3o(nn.Module):
             # rows without a generation target (has_queries False) get query states too; the loss weights them 0
             return prefix_cache.encode_queries(self, input_ids, attention_mask, positions, query_index), None
         embeds = self.backbone.embed(input_ids)
+        if und_inputs is not None:
+            embeds = scatter_queries(embeds, self.understanding_tokens(und_inputs), und_index, has_und)
         if query_index is not None:
             embeds = scatter_queries(embeds, self.query_embeddings(B), query_index, has_queries)
         hidden, logits, _ = self.backbone.forward(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, compute_logits=compute_logits
         )
         return (None if query_index is None else gather_queries(hidden, query_index)), logits
+
+    def understanding_tokens(self, und_inputs):
+        """(B, n_und, D) LLM-width tokens of the understanding images. The tower is frozen (never a trainable
+        group, see training/optimizer.py); the SigLIP projector trains in joint mode."""
+        cfg = self.cfg
+        if cfg.und_tower_kind == "qwen2_5_vl_vision":
+            import numpy as np
+
+            from blip3o_jax.models import qwen2_5_vl_vision as qv
+
+            B, N, P = und_inputs.shape
+            side = cfg.und_image_size // cfg.und_tower.patch_size
+            # every row holds one still image of the same grid: the (static) window layout is built on the host
+            layout = qv.vision_layout(np.tile([[1, side, side]], (B, 1)), cfg.und_tower)
+            tokens = self.visual(und_inputs.reshape(B * N, P), layout)  # (B * N / merge², D), images in order
+            return tokens.reshape(B, -1, tokens.shape[-1])
+        if cfg.und_tower_kind == "siglip_vision":
+            from blip3o_jax import preprocessing
+
+            pixels = preprocessing.normalize(und_inputs, preprocessing.SIGLIP_MEAN, preprocessing.SIGLIP_STD)
+            return self.mm_projector(self.visual(pixels))  # last_hidden_state -> mlp2x_gelu (§1.9)
+        raise ValueError("this model has no understanding tower (model.und_tower_kind is None)")
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -239,4 +302,15 @@ class Blip3o(nn.Module):
             out = self.mse_prediction(query_states)
         if self.cfg.target == "eva_clip":
             out = out + self.targets(images)
+        if self.cfg.und_tower_kind is not None:
+            tokens = self.understanding_tokens(self.dummy_und_inputs(1))
+            out = out + jnp.mean(tokens).astype(out.dtype)
         return out
+
+    def dummy_und_inputs(self, batch: int):
+        """Zero understanding inputs of the shape the data delivers (for `init` and shape inference)."""
+        cfg = self.cfg
+        if cfg.und_tower_kind == "qwen2_5_vl_vision":
+            n = (cfg.und_image_size // cfg.und_tower.patch_size) ** 2
+            return jnp.zeros((batch, n, cfg.und_tower.patch_dim), jnp.float32)
+        return jnp.zeros((batch, cfg.und_image_size, cfg.und_image_size, 3), jnp.uint8)
