@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # batch fields the step consumes (the pipeline also yields bookkeeping fields such as record_id)
 STEP_FIELDS = ("input_ids", "attention_mask", "positions", "task", "sample_valid", "query_index", "gen_image",
-               "targets", "labels", "loss_mask")
+               "targets", "labels", "loss_mask", "und_patches", "und_index", "mrope_positions")
 
 # converted checkpoint kind -> the BLIP3-o param group it initialises (`--config.init_from=PATH`)
 INIT_GROUP_OF_KIND = {

@@ -100,6 +100,13 @@ def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
     if tasks & {"i2t", "text"}:
         spec["labels"] = ((B, L), jnp.int32)
         spec["loss_mask"] = ((B, L), jnp.int32)
+    if "i2t" in tasks and m.get("und_tower_kind"):
+        # the data pipeline's understanding inputs: Qwen2.5-VL patches (data/transforms.py batch_schema)
+        side = int(d.und_image_size) // 14
+        merge = 2
+        spec["und_patches"] = ((B, side * side, 3 * 2 * 14 * 14), jnp.float32)
+        spec["und_index"] = ((B, side * side // merge**2), jnp.int32)
+        spec["mrope_positions"] = ((B, 3, L), jnp.int32)
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
 
@@ -148,10 +155,18 @@ def make_loss_fn(model: blip3o_lib.Blip3o, mcfg: blip3o_lib.Blip3oConfig, flow_c
         valid = batch["sample_valid"].astype(jnp.float32)  # 0 on padding rows at the end of a finite epoch
         has_gen = "query_index" in batch  # a config without text-to-image data has no generation branch
         is_gen = (batch["task"] == TASK_T2I) & (valid > 0)
+        und = {}
+        positions = batch["positions"]
+        if "und_index" in batch:  # image-to-text rows: understanding-tower tokens in the <|image_pad|> slots
+            is_und = (batch["task"] == TASK_I2T) & (valid > 0)
+            und = dict(und_inputs=batch["und_patches"] if "und_patches" in batch else batch["und_image"],
+                       und_index=batch["und_index"], has_und=is_und)
+        if "mrope_positions" in batch and mcfg.backbone.mrope_section is not None:
+            positions = jnp.swapaxes(batch["mrope_positions"], 0, 1)  # (3, B, L): Qwen2.5-VL's 3-D positions
         query_states, logits = model.apply(
-            variables, batch["input_ids"], batch["attention_mask"], batch["positions"],
+            variables, batch["input_ids"], batch["attention_mask"], positions,
             batch["query_index"] if has_gen else None, is_gen, compute_logits=compute_logits,
-            method=blip3o_lib.Blip3o.encode,
+            method=blip3o_lib.Blip3o.encode, **und,
         )
         aux = {}
         if has_gen:
