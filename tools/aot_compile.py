@@ -1,0 +1,453 @@
+"""Ahead-of-time plans: compile the real train step of a config for a TPU topology on this CPU machine, and print
+what one chip would hold and how fast XLA thinks the step is, before renting the pod.
+
+    pip install -e .[tpu]     # libtpu: the TPU compiler runs on the CPU, no TPU needed
+    python tools/aot_compile.py --config configs/blip3o_8b.py --topology v5p:4x4x4 --mesh fsdp=-1 --remat full
+    python tools/aot_compile.py --config configs/blip3o_4b.py --topology v6e:8x8 --mesh data=2,fsdp=-1 \
+        --config.data.global_batch_size=256
+    python tools/aot_compile.py --config configs/tiny.py --platform cpu --num_devices 8   # no libtpu: CPU plan
+
+What it does: builds the mesh over the topology's devices (`jax.experimental.topologies`, the device layout of the
+real slice), calls `training.step.make_train_step(config, mesh)` (the same function the trainer jits), lowers
+`setup.step_fn` on the abstract state/frozen params/batch (shapes + shardings, nothing is allocated) and compiles it
+with XLA's TPU backend. From the compiled executable:
+
+- per-chip memory (`compiled.memory_analysis()`): arguments (trainable params + optimizer state + frozen params +
+  batch shard), outputs, the part of the outputs aliased to donated arguments (the new state reuses the old
+  state's buffers), temporaries (activations, gradients, collectives' buffers); peak ~ arguments + outputs -
+  aliased + temporaries + code, compared with the chip's HBM;
+- XLA's cost model (`compiled.cost_analysis()`): HLO FLOPs per chip (recompute included) and `optimal_seconds`,
+  its estimate of the step time; the implied MFU = analytic model FLOPs of the global batch (training/metrics.py,
+  recompute not counted) / (chips x bf16 peak x estimated time).
+
+XLA's time estimate is a roofline-style model (no overlap accounting, no host input pipeline): use it to compare
+plans and to catch an order-of-magnitude problem, not as a promise. The memory figures are exact for the compiled
+program (XLA's buffer assignment), which is what decides whether a config fits.
+
+`--platform cpu` compiles the same step for `--num_devices` simulated CPU devices (no libtpu needed): memory per
+device and HLO FLOPs as above, no HBM or time estimate. The last line of output is one JSON object.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _pre_parse(argv, name, default):
+    """A flag's value before absl parses (environment variables must be set before jax is imported)."""
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+_PLATFORM = _pre_parse(sys.argv, "platform", "tpu")
+if _PLATFORM == "tpu":
+    # compile-only: the TPU backend is driven through topology descriptions; the runtime stays on CPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's "no TPU host" init error
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # compile-only, no TPU touched: several plans may run at once (libtpu otherwise holds /tmp/libtpu_lockfile)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+elif _PLATFORM == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    n = int(_pre_parse(sys.argv, "num-devices", _pre_parse(sys.argv, "num_devices", "8")))
+    flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags_env + [f"--xla_force_host_platform_device_count={n}"])
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+GiB = 1024**3
+
+# Per chip: HBM and dense bf16 peak (vendor data sheets). A topology's device may be a chip or one of its cores
+# (v4 without megacore lists 2 devices per chip): figures are divided by devices per chip.
+CHIPS = {
+    "v4": dict(name="TPU v4", hbm_gib=32, peak_flops=275e12),
+    "v5e": dict(name="TPU v5e", hbm_gib=16, peak_flops=197e12),
+    "v5litepod": dict(name="TPU v5e", hbm_gib=16, peak_flops=197e12),
+    "v5p": dict(name="TPU v5p", hbm_gib=95, peak_flops=459e12),
+    "v6e": dict(name="TPU v6e", hbm_gib=32, peak_flops=918e12),
+}
+
+flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v6e:16x16, v5e:16x16 (--platform tpu).")
+flags.DEFINE_enum("platform", "tpu", ["tpu", "cpu"], "tpu: compile for --topology with libtpu; cpu: simulated devices.")
+flags.DEFINE_integer("num_devices", 8, "--platform cpu: number of simulated CPU devices.")
+flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=1' (default: the config's mesh).")
+flags.DEFINE_string("remat", None, "Rematerialisation of every tower (backbone, DiT, generation encoder): none | "
+                    "full | dots | dots_no_batch; per tower: 'backbone=full,dit=dots,gen_encoder=none'. "
+                    "Default: the config's.")
+flags.DEFINE_integer("batch", None, "Global batch size override (default: config.data.global_batch_size).")
+flags.DEFINE_string("name", None, "Label of the config in the output (default: the config file's name).")
+flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "unrolled", "scanned"],
+                  "Where the FLOP count and time estimate come from. XLA's cost analysis counts a while loop's body "
+                  "once, so a step with `nn.scan`-ned layers reports one layer per tower. 'extrapolate' (default): "
+                  "per tower, one more compile with that tower unrolled at 2 layers gives the cost of one layer, "
+                  "added (n_layers - 1) times; 'unrolled': one compile with every tower unrolled (exact, slow for "
+                  "deep configs); 'scanned': no extra compile (FLOPs and time too low, no MFU). Memory always comes "
+                  "from the config as given.")
+
+
+REMAT_TOWERS = ("backbone", "dit", "gen_encoder")
+LAYER_FIELDS = {"backbone": "num_hidden_layers", "dit": "n_layers", "gen_encoder": "layers"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config edits
+
+
+def parse_mesh(spec: str | None, default) -> dict[str, int]:
+    if not spec:
+        return {k: int(v) for k, v in dict(default).items()}
+    out = {}
+    for item in spec.split(","):
+        k, _, v = item.partition("=")
+        if k.strip() not in ("data", "fsdp", "tensor") or not v:
+            raise ValueError(f"--mesh: expected 'data=N,fsdp=N,tensor=N' (one may be -1), got {spec!r}")
+        out[k.strip()] = int(v)
+    return out
+
+
+def parse_remat(spec: str | None) -> dict[str, str]:
+    """{tower: policy} from 'full' (all towers) or 'backbone=full,dit=none'."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return {t: spec for t in REMAT_TOWERS}
+    out = {}
+    for item in spec.split(","):
+        k, _, v = item.partition("=")
+        if k not in REMAT_TOWERS:
+            raise ValueError(f"--remat: unknown tower {k!r}; expected one of {REMAT_TOWERS}")
+        out[k] = v
+    return out
+
+
+def apply_overrides(config, *, mesh: dict | None = None, remat: dict | None = None, batch: int | None = None,
+                    scan_layers: bool | None = None):
+    """Returns the config with mesh / remat / batch / layer-scan overrides applied (a copy)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if mesh:
+        config.mesh = ml_collections.ConfigDict(mesh)
+    for tower, policy in (remat or {}).items():
+        section = config.model.get(tower)
+        if section is None:
+            continue
+        section = dict(section)
+        section["remat"] = policy not in ("none", "", None)
+        if section["remat"]:
+            section["remat_policy"] = policy
+        config.model[tower] = section
+    if scan_layers is not None:
+        for tower in REMAT_TOWERS:
+            if config.model.get(tower) is not None:
+                config.model[tower] = {**dict(config.model[tower]), "scan_layers": bool(scan_layers)}
+    if batch:
+        config.data.global_batch_size = int(batch)
+    return config
+
+
+def remat_summary(mcfg) -> str:
+    parts = []
+    for tower in REMAT_TOWERS:
+        cfg = getattr(mcfg, tower, None)
+        if cfg is None or not hasattr(cfg, "remat"):
+            continue
+        parts.append(f"{tower}={(cfg.remat_policy or 'full') if cfg.remat else 'none'}")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices
+
+
+@dataclasses.dataclass
+class Target:
+    platform: str
+    label: str  # "v5p:4x4x4" or "cpu x8"
+    devices: list
+    chip: dict | None  # CHIPS entry (TPU)
+    devices_per_chip: int
+
+    @property
+    def num_chips(self) -> int:
+        return len(self.devices) // self.devices_per_chip
+
+    @property
+    def hbm_per_device(self) -> float | None:
+        return None if self.chip is None else self.chip["hbm_gib"] * GiB / self.devices_per_chip
+
+    @property
+    def peak_per_device(self) -> float | None:
+        return None if self.chip is None else self.chip["peak_flops"] / self.devices_per_chip
+
+
+def tpu_target(topology: str) -> Target:
+    from jax.experimental import topologies
+
+    generation, _, dims = topology.partition(":")
+    if generation not in CHIPS or not dims:
+        raise ValueError(f"--topology {topology!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                         f"{sorted(CHIPS)}")
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--topology {topology!r}: libtpu does not know it ({e})") from e
+    devices = list(topo.devices)
+    chips = math.prod(int(x) for x in dims.split("x"))
+    per_chip = max(1, len(devices) // chips)
+    return Target("tpu", topology, devices, CHIPS[generation], per_chip)
+
+
+def cpu_target() -> Target:
+    import jax
+
+    devices = jax.devices("cpu")
+    return Target("cpu", f"cpu x{len(devices)}", devices, None, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def _shard_bytes(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (largest shard over devices)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(abstract_tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _compile(config, target: Target):
+    """(setup, compiled executable, lowering seconds, compile seconds) of the train step of `config`."""
+    from blip3o_jax import sharding as shd
+    from blip3o_jax.training import step as step_lib
+
+    mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
+    t0 = time.perf_counter()
+    setup = step_lib.make_train_step(config, mesh)
+    lowered = setup.step_fn.lower(setup.abstract_state, setup.abstract_frozen, setup.abstract_batch)
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+    return setup, compiled, t_lower, time.perf_counter() - t0 - t_lower
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+
+
+def _scanned_towers(mcfg) -> dict[str, int]:
+    """{tower: n_layers} of the towers whose layers are `nn.scan`-ned (with more than one layer)."""
+    out = {}
+    for tower, field in LAYER_FIELDS.items():
+        cfg = getattr(mcfg, tower, None)
+        if cfg is not None and getattr(cfg, "scan_layers", False) and int(getattr(cfg, field)) > 1:
+            out[tower] = int(getattr(cfg, field))
+    return out
+
+
+def _with_tower(config, tower: str, **fields):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model[tower] = {**dict(config.model[tower]), **fields}
+    return config
+
+
+COST_KEYS = ("flops", "optimal_seconds", "bytes accessed")
+
+
+def plan(config, target: Target, *, name: str = "config", cost_from: str = "extrapolate") -> dict:
+    """Compiles the train step of `config` on `target`; returns the plan's figures (bytes per device, seconds).
+
+    Memory comes from the program as configured (what the trainer runs). XLA's cost analysis counts a while
+    loop's body once, so with scanned layers the FLOPs and time estimate are corrected (`cost_from`):
+    "extrapolate" adds (n_layers - 1) x the cost of one layer of each scanned tower, measured as the difference
+    to a compile with that tower unrolled at 2 layers (layers are identical, so this is exact for FLOPs);
+    "unrolled" compiles a copy with every tower unrolled (the same computation, no loops).
+    """
+    import jax
+
+    from blip3o_jax.training import metrics as metrics_lib
+
+    setup, compiled, t_lower, t_compile = _compile(config, target)
+    mesh = setup.mesh
+    mem = compiled.memory_analysis()
+    cost = {k: float(_cost(compiled).get(k, 0.0)) for k in COST_KEYS}
+    t_cost = 0.0
+    scanned = _scanned_towers(setup.model_cfg)
+    cost_source = "as configured (no scanned layers)"
+    if scanned and cost_from == "unrolled":
+        t0 = time.perf_counter()
+        _, unrolled, _, _ = _compile(apply_overrides(config, scan_layers=False), target)
+        cost = {k: float(_cost(unrolled).get(k, 0.0)) for k in COST_KEYS}
+        t_cost = time.perf_counter() - t0
+        cost_source = "unrolled copy (scan_layers=False)"
+    elif scanned and cost_from == "extrapolate":
+        t0 = time.perf_counter()
+        base = dict(cost)
+        for tower, n in scanned.items():
+            _, two, _, _ = _compile(_with_tower(config, tower, scan_layers=False, **{LAYER_FIELDS[tower]: 2}), target)
+            two_cost = _cost(two)
+            for k in COST_KEYS:  # scanned: base counts 1 layer of `tower`; unrolled at 2: base + 1 layer
+                cost[k] += (n - 1) * (float(two_cost.get(k, 0.0)) - base[k])
+        t_cost = time.perf_counter() - t0
+        cost_source = "scanned + (n_layers - 1) x one layer of " + ", ".join(
+            f"{t} (x{n - 1})" for t, n in scanned.items())
+    elif scanned:
+        cost_source = "scanned: one layer per tower counted (too low)"
+    arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    peak = arg + out - alias + temp + code
+
+    mcfg = setup.model_cfg
+    B = int(config.data.global_batch_size)
+    seq_len = max(int(n) for n in config.data.seq_buckets)
+    flops = metrics_lib.train_flops_per_sample(mcfg, seq_len=seq_len, trainable=setup.trainable_names,
+                                               text_loss=bool(config.train.get("text_loss_weight", 0.0)))
+    model_flops_step = flops["total"] * B
+    est = cost.get("optimal_seconds")
+    valid = target.platform == "tpu" and not (scanned and cost_from == "scanned")
+    est = float(est) if est and est > 0 and valid else None
+    n_dev = len(target.devices)
+    result = {
+        "config": name,
+        "platform": target.platform,
+        "topology": target.label,
+        "devices": n_dev,
+        "chips": target.num_chips,
+        "chip": target.chip["name"] if target.chip else jax.devices("cpu")[0].device_kind,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "remat": remat_summary(mcfg),
+        "query_path": getattr(mcfg, "query_path", "full"),
+        "target": mcfg.target,
+        "global_batch": B,
+        "seq_len": seq_len,
+        "trainable": list(setup.trainable_names),
+        "params_bytes_per_device": {
+            "trainable+optimizer": _shard_bytes(setup.abstract_state),  # + step, rng, counters (a few bytes)
+            "frozen": _shard_bytes(setup.abstract_frozen),
+            "batch": _shard_bytes(setup.abstract_batch),
+        },
+        "memory_per_device": {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp,
+                              "code": code, "peak": peak},
+        "hbm_per_device": target.hbm_per_device,
+        "fits": None if target.hbm_per_device is None else bool(peak <= target.hbm_per_device),
+        "hlo_flops_per_device": cost["flops"],
+        "hlo_bytes_accessed_per_device": cost["bytes accessed"],
+        "model_flops_per_sample": flops,
+        "model_flops_per_step": model_flops_step,
+        "estimated_step_s": est,
+        "implied_mfu": None if est is None else model_flops_step / (n_dev * target.peak_per_device * est),
+        "estimated_samples_per_s": None if est is None else B / est,
+        "cost_source": cost_source,
+        "lower_s": t_lower,
+        "compile_s": t_compile,
+        "cost_compile_s": t_cost,
+    }
+    return result
+
+
+def _bytes(b: float) -> str:
+    return f"{b / GiB:8.2f} GiB" if b >= GiB else f"{b / 1024**2:8.2f} MiB"
+
+
+def _flops(f: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if f >= scale:
+            return f"{f / scale:.3g} {unit}"
+    return f"{f / 1e6:.3g} MFLOP"
+
+
+def format_table(r: dict) -> str:
+    g = _bytes
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    hbm = f" of {r['hbm_per_device'] / GiB:.1f} GiB HBM" if r["hbm_per_device"] else ""
+    chips = f"{r['chips']} chips, " if r["platform"] == "tpu" else ""
+    lines = [
+        f"{r['config']} on {r['topology']} ({chips}{r['devices']} devices, {r['chip']}); mesh {mesh}; "
+        f"remat {r['remat']}; query path {r['query_path']}; target {r['target']}; global batch {r['global_batch']} "
+        f"x {r['seq_len']} tokens",
+        f"  per device:   arguments {g(r['memory_per_device']['arguments'])}   "
+        f"(trainable+optimizer {g(r['params_bytes_per_device']['trainable+optimizer']).strip()}, "
+        f"frozen {g(r['params_bytes_per_device']['frozen']).strip()}, "
+        f"batch {g(r['params_bytes_per_device']['batch']).strip()})",
+        f"                outputs   {g(r['memory_per_device']['outputs'])}   "
+        f"(aliased to donated arguments {g(r['memory_per_device']['aliased']).strip()})",
+        f"                temporaries {g(r['memory_per_device']['temporaries'])}",
+        f"                peak      {g(r['memory_per_device']['peak'])}{hbm}"
+        + ("" if r["fits"] is None else ("  -> fits" if r["fits"] else "  -> DOES NOT FIT")),
+        f"  FLOPs:        model {_flops(r['model_flops_per_sample']['total'])}/sample "
+        f"({', '.join(f'{k} {_flops(v)}' for k, v in r['model_flops_per_sample'].items() if k != 'total')}); "
+        f"HLO {_flops(r['hlo_flops_per_device'])}/device/step (recompute included; {r['cost_source']})",
+    ]
+    if r["estimated_step_s"] is not None:
+        lines.append(f"  XLA estimate: {r['estimated_step_s']:.3f} s/step, {r['estimated_samples_per_s']:.1f} "
+                     f"samples/s, implied MFU {100 * r['implied_mfu']:.1f}%")
+    else:
+        lines.append("  XLA estimate: none on this platform (compile for a TPU topology for a time estimate)")
+    lines.append(f"  lowering {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"
+                 + (f", cost compile {r['cost_compile_s']:.1f} s" if r["cost_compile_s"] else ""))
+    return "\n".join(lines)
+
+
+def _main(argv):
+    from blip3o_jax import benchmarking
+    from blip3o_jax.cli import UserError
+
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}")
+    F = flags.FLAGS
+    if F.config is None:
+        raise UserError("--config is required")
+    if F.platform == "tpu":
+        if not F.topology:
+            raise UserError("--topology is required with --platform tpu (e.g. v5p:4x4x4)")
+        try:
+            import libtpu  # noqa: F401
+        except ImportError:
+            raise UserError("libtpu is not installed: `pip install -e .[tpu]`, or use --platform cpu") from None
+        try:
+            target = tpu_target(F.topology)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        target = cpu_target()
+    try:
+        config = apply_overrides(F.config, mesh=parse_mesh(F.mesh, F.config.mesh), remat=parse_remat(F.remat),
+                                 batch=F.batch)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    name = F.name or os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    try:
+        result = plan(config, target, name=name, cost_from=F.cost)
+    except ValueError as e:  # mesh does not divide the devices, batch does not divide the mesh, ...
+        raise UserError(f"{name} on {target.label}: {e}") from None
+    print(format_table(result), flush=True)
+    benchmarking.emit(result)
+
+
+def main():
+    from blip3o_jax import cli
+
+    cli.define_config_flag()
+    cli.run(_main)
+
+
+if __name__ == "__main__":
+    main()
