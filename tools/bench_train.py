@@ -16,6 +16,7 @@ framework's f32 matmul peak measured in the same run. Last line: one JSON object
 
   python tools/bench_train.py                            # ~2-3 min on 2 CPU cores
   python tools/bench_train.py --hidden 256 --layers 2 --dit-layers 2 --iters 3
+  python tools/bench_train.py --modes full,prefix,precomputed   # where the FLOPs go (issue 7), ours only
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=256, help="target channels (1792 for EVA-CLIP)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--skip-torch", action="store_true")
+    # issue 7: where a frozen-backbone step spends its FLOPs (reference §5.2), ours only
+    p.add_argument("--modes", default=None,
+                   help="comma list of full,prefix,precomputed: time our step in each mode instead of ours vs "
+                        "torch. full = full-sequence backbone pass + in-step EVA-CLIP targets; prefix = "
+                        "prefix-cached queries + in-step targets; precomputed = prefix-cached queries + targets "
+                        "read from the batch (no encoder)")
+    p.add_argument("--image-size", type=int, default=112, help="--modes: EVA input side (patch 14)")
+    p.add_argument("--eva-layers", type=int, default=6, help="--modes: EVA blocks (width = --channels)")
+    p.add_argument("--eva-head-width", type=int, default=64)
     return p.parse_args(argv)
 
 
@@ -162,8 +172,107 @@ def torch_step_fn(a, mcfg, batch):
 # ------------------------------------------------------------------------------------------------------------
 
 
+MODES = {  # mode -> (model.target, model.query_path)
+    "full": ("eva_clip", "full"),
+    "prefix": ("eva_clip", "prefix_cache"),
+    "precomputed": ("precomputed", "prefix_cache"),
+}
+
+
+def make_mode_config(a, mode: str) -> ml_collections.ConfigDict:
+    c = make_config(a)
+    target, path = MODES[mode]
+    c.model.query_path = path
+    c.model.target = target
+    if target == "eva_clip":
+        side = a.image_size // 14
+        if side % a.grid:
+            raise SystemExit(f"--image-size {a.image_size} gives {side}x{side} patches, not a multiple of --grid")
+        c.model.gen_encoder_kind = "eva_clip"
+        c.model.gen_encoder = dict(image_size=a.image_size, patch_size=14, width=a.channels, layers=a.eva_layers,
+                                   head_width=a.eva_head_width, mlp_ratio=4.0, pool_stride=side // a.grid)
+        c.model.image_size = a.image_size
+        c.data.gen_image_size = a.image_size
+    return c
+
+
+def run_modes(a):
+    """Our step in each mode, alternating modes every round; model FLOPs per sample (analytic) next to time."""
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; expected some of {list(MODES)}")
+    import ml_dtypes
+
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    seq = a.prompt_len + 1 + a.n_query
+    rs = np.random.RandomState(0)
+    base = make_batch(a, rs)
+    images = rs.randint(0, 256, (a.batch, a.image_size, a.image_size, 3)).astype(np.uint8)
+    runs = {}
+    for mode in modes:
+        config = make_mode_config(a, mode)
+        setup = step_lib.make_train_step(config, mesh)
+        host = dict(base)
+        if MODES[mode][0] == "eva_clip":
+            host.pop("targets")
+            host["gen_image"] = images
+        else:
+            host["targets"] = base["targets"].astype(ml_dtypes.bfloat16)
+        batch = {k: jax.device_put(v, setup.batch_shardings[k]) for k, v in host.items()}
+        state, frozen = setup.init(jax.random.key(0))
+        flops = metrics_lib.train_flops_per_sample(setup.model_cfg, seq_len=seq, trainable=setup.trainable_names,
+                                                   text_loss=False)
+        holder = {"state": state}
+
+        def step(setup=setup, frozen=frozen, batch=batch, holder=holder):
+            holder["state"], m = setup.step_fn(holder["state"], frozen, batch)
+            return m["loss"]
+
+        t0 = time.perf_counter()
+        benchmarking.block(step())
+        runs[mode] = dict(step=step, flops=flops, compile_s=time.perf_counter() - t0, times=[],
+                          query_path=setup.model_cfg.query_path, target=setup.model_cfg.target)
+        benchmarking.block(step())
+    peak = benchmarking.jax_matmul_peak()
+    for _ in range(a.iters):  # rounds: shared-machine load hits every mode alike
+        for mode in modes:
+            t0 = time.perf_counter()
+            benchmarking.block(runs[mode]["step"]())
+            runs[mode]["times"].append(time.perf_counter() - t0)
+    peak = max(peak, benchmarking.jax_matmul_peak())
+    ref = "full" if "full" in runs else modes[0]
+    out = {}
+    for mode in modes:
+        r = runs[mode]
+        med = statistics.median(r["times"])
+        per_sample = r["flops"]["total"]
+        out[mode] = {"target": r["target"], "query_path": r["query_path"], "median_s": med,
+                     "samples_per_s": a.batch / med, "compile_s": r["compile_s"],
+                     "model_gflops_per_sample": per_sample / 1e9,
+                     "model_gflops_per_sample_parts": {k: v / 1e9 for k, v in r["flops"].items() if k != "total"},
+                     "gflops_per_s": per_sample * a.batch / med / 1e9,
+                     "fraction_of_peak": per_sample * a.batch / med / peak,
+                     "time_ratio_vs_" + ref: med / statistics.median(runs[ref]["times"]),
+                     "flops_ratio_vs_" + ref: per_sample / runs[ref]["flops"]["total"]}
+        print(f"{mode:12s} {med * 1e3:8.1f} ms/step  {a.batch / med:7.1f} samples/s  "
+              f"{per_sample / 1e9:8.2f} GFLOPs/sample ({', '.join(f'{k} {v / 1e9:.2f}' for k, v in r['flops'].items() if k != 'total')})  "
+              f"time x{out[mode]['time_ratio_vs_' + ref]:.3f}, FLOPs x{out[mode]['flops_ratio_vs_' + ref]:.3f} vs {ref}  "
+              f"({out[mode]['fraction_of_peak']:.0%} of the f32 matmul peak)")
+    benchmarking.emit({
+        "bench": "train_step_modes",
+        "config": {"batch": a.batch, "seq_len": seq, "n_query": a.n_query, "backbone": f"qwen3 {a.hidden}x{a.layers}",
+                   "dit": f"{a.dit_dim}x{a.dit_layers}", "grid": f"{a.grid}x{a.grid}x{a.channels}",
+                   "gen_encoder": f"eva {a.channels}x{a.eva_layers} @{a.image_size}px"},
+        "modes": out,
+        "jax_matmul_peak_gflops": peak / 1e9,
+    })
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.modes:
+        return run_modes(a)
     config = make_config(a)
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     setup = step_lib.make_train_step(config, mesh)
