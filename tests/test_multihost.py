@@ -150,18 +150,17 @@ def test_two_processes_match_one_resume_and_fail_fast(data_dir, tmp_path):
     cache_dir = str(tmp_path / "compile_cache")
     t0 = time.monotonic()
 
-    # 1. reference: one process, 8 devices (the same (data=8) mesh), STEPS_TOTAL steps
+    # 1. reference: one process, 8 devices (the same (data=8) mesh), STEPS_TOTAL steps; at the same time
+    # 2. two processes, STEPS_FIRST steps; both write the checkpoint (state shards + one data state per process)
     single = str(tmp_path / "single")
-    with Procs([(_train_cmd(data_dir, single, STEPS_TOTAL), _env(8, cache_dir))], str(tmp_path), "single") as p:
+    multi = str(tmp_path / "multi")
+    port = portpicker.pick_unused_port()
+    launches = [(_train_cmd(data_dir, single, STEPS_TOTAL), _env(8, cache_dir)),
+                *_two_process(data_dir, multi, STEPS_FIRST, port, cache_dir)]
+    with Procs(launches, str(tmp_path), "first") as p:
         _check(p, p.wait(RUN_TIMEOUT_S))
     reference = _losses(single)
     assert sorted(reference) == list(range(1, STEPS_TOTAL + 1))
-
-    # 2. two processes, STEPS_FIRST steps; both write the checkpoint (state shards + one data state per process)
-    multi = str(tmp_path / "multi")
-    port = portpicker.pick_unused_port()
-    with Procs(_two_process(data_dir, multi, STEPS_FIRST, port, cache_dir), str(tmp_path), "first") as p:
-        _check(p, p.wait(RUN_TIMEOUT_S))
     ckpt = os.path.join(multi, "checkpoints", str(STEPS_FIRST))
     assert os.path.isdir(os.path.join(ckpt, "state"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(ckpt, "data")))
