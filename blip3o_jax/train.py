@@ -40,7 +40,7 @@ STEP_FIELDS = ("input_ids", "attention_mask", "positions", "task", "sample_valid
 # converted checkpoint kind -> the BLIP3-o param group it initialises (`--config.init_from=PATH`)
 INIT_GROUP_OF_KIND = {
     "qwen2": "backbone", "qwen3": "backbone", "qwen2_5_vl_text": "backbone",
-    "dit": "dit", "eva_clip": "gen_encoder",
+    "dit": "dit", "eva_clip": "gen_encoder", "siglip_vision": "visual", "qwen2_5_vl_vision": "visual",
 }
 
 
@@ -136,7 +136,7 @@ def initial_state(config, setup: step_lib.TrainSetup, workdir: str, checkpointer
         return state, frozen, int(latest)
     state, frozen = setup.init(rng)
     state, frozen = _apply_init_from(config, setup, state, frozen)
-    if setup.abstract_frozen and config.checkpoint.get("save_frozen", True):
+    if setup.abstract_frozen and config.get("checkpoint", {}).get("save_frozen", True):
         ckpt_lib.save_params(frozen_dir, frozen)
     return state, frozen, 0
 

@@ -230,3 +230,37 @@ def test_tpu_launch_dry_run_prints_the_commands():
     bad = subprocess.run([os.path.join(ROOT, "tpu_launch.sh"), "--zone", "z", "--dry-run"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--name is required" in bad.stderr
+
+
+def test_init_from_converted_weights(tmp_path):
+    """`--config.init_from=DIR` with convert_torch_weights.py output: the backbone group comes from the checkpoint,
+    the rest from the seed; a wrong checkpoint is one clear error."""
+    import torch
+    import transformers
+
+    from blip3o_jax import pretrained
+    from blip3o_jax import train as train_lib
+    from blip3o_jax.cli import UserError
+    from blip3o_jax.models import qwen as qwen_lib
+
+    config = tiny_config()
+    config.data.global_batch_size = B
+    setup = step_lib.make_train_step(config, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen_lib.config_to_hf("qwen3", setup.model_cfg.backbone)))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    pretrained.convert_checkpoint(str(tmp_path / "hf"), str(tmp_path / "converted"), progress=False)
+    config.init_from = str(tmp_path / "converted")
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), save_every=10)
+    state, frozen, start = train_lib.initial_state(config, setup, str(tmp_path / "run"), ckpt)
+    ckpt.close()
+    assert start == 0
+    want = hf.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(frozen["backbone"]["embed_tokens"]["embedding"]), want)
+    fresh_state, fresh_frozen = setup.init(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(fresh_state.params))
+    assert os.path.isdir(tmp_path / "run" / "frozen")  # written once, read back on resume
+
+    config.init_from = f"dit={tmp_path / 'converted'}"
+    with pytest.raises(UserError, match="does not fit"):
+        train_lib.load_init_from(config.init_from, setup)
