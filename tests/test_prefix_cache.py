@@ -180,5 +180,6 @@ def test_analytic_backbone_saving():
                          num_key_value_heads=4, head_dim=128)
     plain = prefix_cache.backbone_flops_per_sample(bb, 512, 64)
     remat = prefix_cache.backbone_flops_per_sample(bb, 512, 64, remat=True)
-    # ~ (448 + 2 * 64) / (2 * 512) and (448 + 3 * 64) / (3 * 512), attention adds a little
-    assert 0.55 < plain["ratio"] < 0.58 and 0.40 < remat["ratio"] < 0.43
+    # ~ (448 * 27/28 + 2 * 64) / (2 * 512) and (448 * 27/28 + 3 * 64) / (3 * 512): the prompt's last layer only
+    # computes keys and values; attention adds a little
+    assert 0.53 < plain["ratio"] < 0.57 and 0.39 < remat["ratio"] < 0.42

@@ -89,10 +89,10 @@ flags.DEFINE_string("name", None, "Label of the config in the output (default: t
 flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "unrolled", "scanned"],
                   "Where the FLOP count and time estimate come from. XLA's cost analysis counts a while loop's body "
                   "once, so a step with `nn.scan`-ned layers reports one layer per tower. 'extrapolate' (default): "
-                  "per tower, one more compile with that tower unrolled at 2 layers gives the cost of one layer, "
-                  "added (n_layers - 1) times; 'unrolled': one compile with every tower unrolled (exact, slow for "
-                  "deep configs); 'scanned': no extra compile (FLOPs and time too low, no MFU). Memory always comes "
-                  "from the config as given.")
+                  "compiles with every scanned tower unrolled at 1 layer and, per tower, at 2 layers, and "
+                  "extrapolates linearly in depth (1 + towers extra compiles of shallow programs); 'unrolled': one "
+                  "fully unrolled compile (exact, slow for deep configs); 'scanned': no extra compile (FLOPs and "
+                  "time too low, no MFU). Memory always comes from the config as given.")
 
 
 REMAT_TOWERS = ("backbone", "dit", "gen_encoder")
@@ -260,11 +260,12 @@ def _scanned_towers(mcfg) -> dict[str, int]:
     return out
 
 
-def _with_tower(config, tower: str, **fields):
+def _with_towers(config, fields_by_tower: dict[str, dict]):
     import ml_collections
 
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model[tower] = {**dict(config.model[tower]), **fields}
+    for tower, fields in fields_by_tower.items():
+        config.model[tower] = {**dict(config.model[tower]), **fields}
     return config
 
 
@@ -275,10 +276,9 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
     """Compiles the train step of `config` on `target`; returns the plan's figures (bytes per device, seconds).
 
     Memory comes from the program as configured (what the trainer runs). XLA's cost analysis counts a while
-    loop's body once, so with scanned layers the FLOPs and time estimate are corrected (`cost_from`):
-    "extrapolate" adds (n_layers - 1) x the cost of one layer of each scanned tower, measured as the difference
-    to a compile with that tower unrolled at 2 layers (layers are identical, so this is exact for FLOPs);
-    "unrolled" compiles a copy with every tower unrolled (the same computation, no loops).
+    loop's body once, so with scanned layers the FLOPs and time estimate come from unrolled copies (`cost_from`):
+    "extrapolate" compiles every scanned tower unrolled at 1 layer and, per tower, at 2 layers, and extrapolates
+    linearly in depth (layers are identical: exact for FLOPs); "unrolled" compiles one fully unrolled copy.
     """
     import jax
 
@@ -298,16 +298,25 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         t_cost = time.perf_counter() - t0
         cost_source = "unrolled copy (scan_layers=False)"
     elif scanned and cost_from == "extrapolate":
+        # Every scanned tower unrolled at 1 layer (U1), then one tower at a time at 2 layers (U2_X): U2_X - U1 is
+        # exactly one layer of X. Both are unrolled, so dead-code elimination treats them alike (the prompt pass
+        # of the prefix cache leaves most of its last layer unused: a difference against the scanned program,
+        # whose loop body cannot be pruned, would miss that part of every layer). Cost = U1 + sum (n_X - 1) x
+        # layer_X: the unrolled program's cost, linear in each tower's depth.
         t0 = time.perf_counter()
-        base = dict(cost)
+        ones = {tower: {"scan_layers": False, LAYER_FIELDS[tower]: 1} for tower in scanned}
+        _, u1, _, _ = _compile(_with_towers(config, ones), target)
+        u1_cost = {k: float(_cost(u1).get(k, 0.0)) for k in COST_KEYS}
+        cost = dict(u1_cost)
         for tower, n in scanned.items():
-            _, two, _, _ = _compile(_with_tower(config, tower, scan_layers=False, **{LAYER_FIELDS[tower]: 2}), target)
-            two_cost = _cost(two)
-            for k in COST_KEYS:  # scanned: base counts 1 layer of `tower`; unrolled at 2: base + 1 layer
-                cost[k] += (n - 1) * (float(two_cost.get(k, 0.0)) - base[k])
+            two = {**ones, tower: {"scan_layers": False, LAYER_FIELDS[tower]: 2}}
+            _, u2, _, _ = _compile(_with_towers(config, two), target)
+            u2_cost = _cost(u2)
+            for k in COST_KEYS:
+                cost[k] += (n - 1) * (float(u2_cost.get(k, 0.0)) - u1_cost[k])
         t_cost = time.perf_counter() - t0
-        cost_source = "scanned + (n_layers - 1) x one layer of " + ", ".join(
-            f"{t} (x{n - 1})" for t, n in scanned.items())
+        cost_source = "unrolled, extrapolated from 1 and 2 layers of " + ", ".join(
+            f"{t} (x{n})" for t, n in scanned.items())
     elif scanned:
         cost_source = "scanned: one layer per tower counted (too low)"
     arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)

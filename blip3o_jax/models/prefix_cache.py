@@ -82,18 +82,23 @@ def backbone_flops_per_sample(bb: qwen_lib.QwenConfig, seq_len: int, n_query: in
     full: forward over `seq_len` tokens + backward for activation gradients (~1x forward: dX only, no dW),
     + one more forward with rematerialisation. prefix_cache: forward over the `seq_len - n_query` prompt
     tokens, then the same forward/backward(/recompute) over the `n_query` query tokens attending to `seq_len` keys.
-    Causal attention is charged for the keys each token actually sees.
+    Causal attention is charged for the keys each token actually sees. The prompt pass needs only the keys and
+    values of its last layer (that layer's queries, attention, output projection and MLP over the prompt feed
+    nothing; XLA removes them as dead code): not counted.
     """
-    def fwd(new_tokens: int, context_start: int) -> float:
+    D, H, K, Dh, F = (bb.hidden_size, bb.num_attention_heads, bb.num_key_value_heads, bb.head_dim,
+                      bb.intermediate_size)
+    dense = 2 * (D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F)
+    kv = 2 * D * K * Dh * 2
+
+    def fwd(new_tokens: int, context_start: int, layers: int = bb.num_hidden_layers) -> float:
         # tokens context_start .. context_start + new_tokens - 1, each attending to (its index + 1) keys
-        D, H, K, Dh, F = (bb.hidden_size, bb.num_attention_heads, bb.num_key_value_heads, bb.head_dim,
-                          bb.intermediate_size)
-        dense = 2 * (D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F)
         keys = new_tokens * context_start + new_tokens * (new_tokens + 1) / 2
-        return bb.num_hidden_layers * (new_tokens * dense + 2 * 2 * H * Dh * keys)
+        return layers * (new_tokens * dense + 2 * 2 * H * Dh * keys)
 
     passes = 3 if remat else 2
     prompt = seq_len - n_query
     full = passes * fwd(seq_len, 0)
-    prefix = fwd(prompt, 0) + passes * fwd(n_query, prompt)
+    prompt_pass = fwd(prompt, 0, bb.num_hidden_layers - 1) + prompt * kv
+    prefix = prompt_pass + passes * fwd(n_query, prompt)
     return {"full": full, "prefix_cache": prefix, "ratio": prefix / full}
