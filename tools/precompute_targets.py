@@ -33,10 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-flags.DEFINE_integer("batch", 64, "Images per encoder call (rounded up to a multiple of the local device count).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Storage dtype of the target grids.")
-flags.DEFINE_string("mesh", None, "Mesh over this host's devices, e.g. 'data=-1' or 'fsdp=-1' (default: config's).")
-flags.DEFINE_integer("threads", 8, "Image decoding threads.")
+
+def _define_flags():
+    """CLI flags, defined only when run as a script (importing this module must not touch absl's flag registry)."""
+    flags.DEFINE_integer("batch", 64, "Images per encoder call (rounded up to a multiple of the local devices).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Storage dtype of the target grids.")
+    flags.DEFINE_string("mesh", None, "Mesh over this host's devices, e.g. 'data=-1' or 'fsdp=-1' (default: the "
+                        "config's).")
+    flags.DEFINE_integer("threads", 8, "Image decoding threads.")
 
 
 def _log(msg: str) -> None:
@@ -250,6 +254,7 @@ def _main(argv):
 def main():
     from blip3o_jax import cli
 
+    _define_flags()
     cli.define_config_flag()
     cli.run(_main)
 
