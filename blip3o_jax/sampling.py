@@ -97,7 +97,8 @@ class Sampler:
 
 
 def load_trained(workdir: str, step: int | None = None, config=None):
-    """(model, params (all groups merged), config) from a training workdir: latest (or `step`) checkpoint + frozen."""
+    """(model, params (all groups merged; the EMA weights if kept), config) from a training workdir: latest (or
+    `step`) checkpoint + frozen weights."""
     import ml_collections
 
     from blip3o_jax import sharding as shd
@@ -119,7 +120,9 @@ def load_trained(workdir: str, step: int | None = None, config=None):
     frozen = {}
     if setup.abstract_frozen:
         frozen = ckpt_lib.restore_params(os.path.join(workdir, "frozen"), setup.abstract_frozen)
-    return setup.model, opt_lib.merge_params(state.params, frozen), config
+    # the moving average of the weights when the run kept one (config.train.ema_decay): it samples better
+    trainable = state.params if state.ema_params is None else state.ema_params
+    return setup.model, opt_lib.merge_params(trainable, frozen), config
 
 
 # ---------------------------------------------------------------------------------------------------------------

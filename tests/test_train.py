@@ -264,3 +264,28 @@ def test_init_from_converted_weights(tmp_path):
     config.init_from = f"dit={tmp_path / 'converted'}"
     with pytest.raises(UserError, match="does not fit"):
         train_lib.load_init_from(config.init_from, setup)
+
+
+def test_ema_weights_follow_the_params_and_survive_a_checkpoint(tmp_path):
+    config = tiny_config(loss="clip_mse", n_query=16)
+    config.data.update(dict(n_query=16, seq_buckets=(24,), global_batch_size=B))
+    config.train.ema_decay = 0.75
+    setup = step_lib.make_train_step(config, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    state, frozen = setup.init(jax.random.key(0))
+    start = jax.device_get(state.params)
+    rs = np.random.RandomState(6)
+    n = 24
+    batch = {"input_ids": rs.randint(3, 96, (B, n)).astype(np.int32), "attention_mask": np.ones((B, n), np.int32),
+             "positions": np.tile(np.arange(n, dtype=np.int32), (B, 1)),
+             "query_index": np.tile(np.arange(n - 16, n, dtype=np.int32), (B, 1)),
+             "task": np.zeros((B,), np.int32), "sample_valid": np.ones((B,), np.int32),
+             "targets": rs.randn(B, 4, 4, 8).astype(np.float32)}
+    state, _ = setup.step_fn(state, frozen, batch)
+    new = jax.device_get(state.params)
+    jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.75 * a + 0.25 * b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.ema_params), start, new)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), save_every=1)
+    ckpt.save(1, state)
+    restored = ckpt.restore(1, setup.abstract_state)
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.ema_params), jax.device_get(state.ema_params))

@@ -13,6 +13,7 @@ on one mesh restores onto any other (Orbax reshards on read).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ class Checkpointer:
     def save(self, step: int, state, *, data_iterator=None, config: dict | None = None) -> None:
         import grain
 
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(_as_tree(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -73,11 +74,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(_as_tree(abstract_state))}
         if data_iterator is not None and (os.path.isdir(os.path.join(self.directory, str(step), "data"))):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return _from_tree(restored["state"], abstract_state)
 
     def read_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -89,6 +90,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _as_tree(state):
+    """A dataclass state (training/step.py TrainState) as a dict without its unused (None) fields: optional parts
+    such as the EMA weights must not appear as empty nodes on disk (Orbax compares tree structures)."""
+    if dataclasses.is_dataclass(state):
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
+    return state
+
+
+def _from_tree(tree, like):
+    if dataclasses.is_dataclass(like):
+        return like.replace(**tree)
+    return tree
 
 
 def abstract_with_shardings(tree, shardings):

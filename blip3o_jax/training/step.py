@@ -47,6 +47,7 @@ class TrainState:
     rng: jax.Array  # uint32 (2,) raw key; step k uses fold_in(rng, k), so a resumed run draws the same noise
     nonfinite_total: jax.Array  # int32 (): updates skipped because of NaN/Inf
     nonfinite_streak: jax.Array  # int32 (): consecutive skipped updates (the loop stops at a limit)
+    ema_params: Any = None  # exponential moving average of `params` (config.train.ema_decay > 0), for sampling
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,8 +272,10 @@ def make_train_step(config, mesh) -> TrainSetup:
         boxed_opt = jax.eval_shape(tx.init, boxed_trainable)
         opt_sh = shd.params_shardings(boxed_opt, mesh)
     replicated = NamedSharding(mesh, P())
+    ema_decay = float(tcfg.get("ema_decay", 0.0))
     state_sh = TrainState(step=replicated, params=trainable_sh, opt_state=opt_sh, rng=replicated,
-                          nonfinite_total=replicated, nonfinite_streak=replicated)
+                          nonfinite_total=replicated, nonfinite_streak=replicated,
+                          ema_params=trainable_sh if ema_decay else None)
     spec = batch_spec(config)
     batch_sh = _batch_shardings(spec, mesh)
 
@@ -290,7 +293,8 @@ def make_train_step(config, mesh) -> TrainSetup:
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=replicated)  # noqa: E731
     abstract_state = TrainState(step=scalar(jnp.int32), params=abstract_trainable, opt_state=abstract_opt,
                                 rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-                                nonfinite_total=scalar(jnp.int32), nonfinite_streak=scalar(jnp.int32))
+                                nonfinite_total=scalar(jnp.int32), nonfinite_streak=scalar(jnp.int32),
+                                ema_params=abstract_trainable if ema_decay else None)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
 
     # --- init (directly sharded: nothing is materialised on one device)
@@ -301,7 +305,8 @@ def make_train_step(config, mesh) -> TrainSetup:
         frozen = _dtype_policy(config, {k: v for k, v in params.items() if k not in trainable_names}, False)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                            rng=jax.random.key_data(state_rng), nonfinite_total=jnp.zeros((), jnp.int32),
-                           nonfinite_streak=jnp.zeros((), jnp.int32))
+                           nonfinite_streak=jnp.zeros((), jnp.int32),
+                           ema_params=jax.tree.map(jnp.copy, trainable) if ema_decay else None)
         return state, frozen
 
     # --- targets: frozen encoder, no gradient (the step never differentiates through this)
@@ -356,6 +361,9 @@ def make_train_step(config, mesh) -> TrainSetup:
             rng=state.rng,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            ema_params=None if state.ema_params is None else keep(
+                jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new_params),
+                state.ema_params),
         )
         metrics = {
             "loss": loss,
