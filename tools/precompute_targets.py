@@ -62,8 +62,22 @@ def _encoder_init_spec(config, gen_kind: str) -> str:
     return ",".join(keep)
 
 
+_ENCODERS: dict = {}  # (model/weights config, mesh) -> encoder_setup result: one compile per process
+
+
 def encoder_setup(config, mesh):
-    """(targets function (images uint8 (B,S,S,3) -> grids (B,g,g,C) fp32), params, model config)."""
+    """(targets function (images uint8 (B,S,S,3) -> grids (B,g,g,C) fp32), train setup, weights description)."""
+    import json
+
+    key = (json.dumps({k: config.get(k) for k in ("model", "train", "seed", "init_from")}, sort_keys=True,
+                      default=lambda v: v.to_dict() if hasattr(v, "to_dict") else str(v)),
+           tuple(mesh.devices.flat), tuple(mesh.shape.items()))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = _encoder_setup(config, mesh)
+    return _ENCODERS[key]
+
+
+def _encoder_setup(config, mesh):
     import jax
     import jax.numpy as jnp
 
