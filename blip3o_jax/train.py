@@ -260,25 +260,28 @@ def train(config, workdir: str) -> dict:
     window = _Window()
     pending = None  # (step number after the update, device metrics) of the previous step
     last_logged: dict = {}
+    streak = 0  # consecutive non-finite steps, as last read
     step = start
     stop_reason = None
 
     def consume(pending_step, device_metrics):
-        nonlocal window, last_logged
+        nonlocal window, last_logged, streak
         m = jax.device_get(device_metrics)
         window.add(m)
+        streak = int(m["nonfinite_streak"])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
-        if int(m["nonfinite_streak"]) >= max_bad:
-            return f"{max_bad} consecutive steps with non-finite loss or gradients (up to step {pending_step})"
-        if pending_step % log_every == 0 or pending_step == total_steps:
+        stop = streak >= max_bad
+        if pending_step % log_every == 0 or pending_step == total_steps or stop:
             summary = _summarise(window, m, batch_size=B, flops_per_step=flops["total"] * B, peak=peak,
                                  num_buckets=num_buckets)
             summary.update({k: v for k, v in data_iter.metrics().items() if k.startswith("data/bad")})
             writer.write(pending_step, summary)
             last_logged = {"step": pending_step, **summary}
             window = _Window()
+        if stop:
+            return f"{max_bad} consecutive steps with a non-finite loss, gradient or update (up to step {pending_step})"
         return None
 
     try:
@@ -293,9 +296,15 @@ def train(config, workdir: str) -> dict:
             if stop_reason:
                 break
             if checkpointer.should_save(step) or step == total_steps:
-                checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
+                # read this step's metrics now (a sync, but only when saving): a checkpoint is written only while
+                # the steps are finite, so the last one kept is a good one
+                stop_reason, pending = consume(*pending), None
+                if stop_reason:
+                    break
+                if streak == 0:
+                    checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
             if watcher.requested(step):
-                if checkpointer.latest_step() != step:
+                if checkpointer.latest_step() != step and streak == 0:
                     checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
                 stop_reason = "preempted"
                 break

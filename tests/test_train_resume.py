@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,3 +117,25 @@ def test_kill9_and_sigterm_then_rerun_resume_bitwise(data_dir, tmp_path):
     for step in range(killed_at + 1, TOTAL + 1):
         assert got[step] == want[step], (step, got[step], want[step])  # bitwise: exact float equality
     assert committed_steps(workdir)[-1] == TOTAL
+
+
+def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(data_dir, tmp_path):
+    """Warm-up from 0 to a learning rate of 1e30: the first update is 0 (finite, checkpointed), every later one
+    overflows and is skipped; after `max_consecutive_nonfinite` of them the run stops (exit status 3 from the
+    CLI) and the checkpoint of the last finite step is the one kept."""
+    from blip3o_jax import train as train_lib
+    from blip3o_jax.cli import load_config
+
+    config = load_config(f"{ROOT}/configs/tiny.py:{data_dir}", {
+        "train.total_steps": 30, "train.lr": 1e30, "train.min_lr": 1e30, "train.warmup_steps": 3,
+        "train.max_consecutive_nonfinite": 3, "checkpoint.every": 1, "log.every": 1, "log.progress_bar": False,
+        "log.tensorboard": False, "data.global_batch_size": 8})
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train_lib.TrainingStopped, match="3 consecutive steps with a non-finite"):
+        train_lib.train(config, workdir)
+    logged = losses(workdir)
+    assert sorted(logged) == [1, 2, 3, 4]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = json.loads(f.readlines()[-1])
+    assert last["nonfinite_total"] == 3 and not np.isfinite(last["update_norm"])
+    assert committed_steps(workdir) == [1]

@@ -350,8 +350,9 @@ def make_train_step(config, mesh) -> TrainSetup:
             (loss, aux, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
 
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        # skip the update when the loss, the gradients or the update itself (overflow) is not finite
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
