@@ -133,7 +133,7 @@ def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray
 
 
 def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples: int = 4000, num_prompts: int = 24,
-        overrides: dict | None = None, fresh: bool = True) -> dict:
+        overrides: dict | None = None, fresh: bool = True, max_train_seconds: float | None = None) -> dict:
     import shutil
 
     import jax
@@ -157,6 +157,8 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
     config = load_config(os.path.join(HERE, "configs", "tiny.py") + ":" + data_dir, overrides or {})
     if steps is not None:
         config.train.total_steps = int(steps)
+    if max_train_seconds is not None:
+        config.train.max_seconds = float(max_train_seconds)
     print(f"[demo] 2/4 training configs/tiny.py for {config.train.total_steps} steps on "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s) -> {run_dir}", flush=True)
     t_train = time.perf_counter()
@@ -164,6 +166,14 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
     train_s = time.perf_counter() - t_train
 
     print("[demo] 3/4 sampling held-out prompts from the checkpoint", flush=True)
+    from blip3o_jax.training import checkpoint as ckpt_lib
+
+    checkpointer = ckpt_lib.Checkpointer(run_dir, save_every=0)
+    trained_steps = checkpointer.latest_step()
+    checkpointer.close()
+    if trained_steps < int(config.train.total_steps):
+        print(f"[demo] the training time budget ran out after {trained_steps} of {config.train.total_steps} steps "
+              "(a slow or busy machine): the samples will be weaker", flush=True)
     model, params, config = sampling.load_trained(run_dir, config=config)
     from blip3o_jax.data.tokenizer import load_tokenizer
 
@@ -183,7 +193,7 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
         "colour_match": result["colour"], "shape_match": result["shape"],
         "colour_match_real_images": ceiling["colour"], "shape_match_real_images": ceiling["shape"],
         "chance_colour": 1 / len(synthetic.COLORS), "chance_shape": 1 / len(synthetic.SHAPES),
-        "final_loss": last.get("loss"), "train_steps": int(config.train.total_steps), "train_s": round(train_s, 1),
+        "final_loss": last.get("loss"), "train_steps": int(trained_steps), "train_s": round(train_s, 1),
         "total_s": round(total_s, 1), "samples_png": png,
     }
     with open(os.path.join(workdir, "score.json"), "w") as f:
@@ -201,11 +211,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/tiny.py)")
     p.add_argument("--num-samples", type=int, default=4000)
     p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--max-train-seconds", type=float, default=None,
+                   help="stop training (with a checkpoint) after this long (default: configs/tiny.py)")
     args = p.parse_args(argv)
     import logging
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    run(args.workdir, steps=args.steps, num_samples=args.num_samples, num_prompts=args.num_prompts)
+    run(args.workdir, steps=args.steps, num_samples=args.num_samples, num_prompts=args.num_prompts,
+        max_train_seconds=args.max_train_seconds)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,9 @@ def train(config, workdir: str) -> dict:
     pending = None  # (step number after the update, device metrics) of the previous step
     last_logged: dict = {}
     streak = 0  # consecutive non-finite steps, as last read
+    # a wall-clock budget for this invocation (e.g. a scheduler's time limit): save and stop cleanly when it is spent
+    max_seconds = float(config.train.get("max_seconds", 0) or 0)
+    t_loop = time.perf_counter()
     step = start
     stop_reason = None
 
@@ -303,12 +306,14 @@ def train(config, workdir: str) -> dict:
                     break
                 if streak == 0:
                     checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
-            if watcher.requested(step):
+            preempted, out_of_time = watcher.requested(
+                step, max_seconds > 0 and time.perf_counter() - t_loop > max_seconds)
+            if preempted or out_of_time:
                 if checkpointer.latest_step() != step and streak == 0:
                     checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
-                stop_reason = "preempted"
+                stop_reason = "out_of_time" if out_of_time else "preempted"
                 break
-        if pending is not None and stop_reason in (None, "preempted"):
+        if pending is not None and stop_reason in (None, "preempted", "out_of_time"):
             stop_reason = consume(*pending) or stop_reason  # the last step's metrics (one-step lag)
     finally:
         checkpointer.close()
@@ -320,6 +325,9 @@ def train(config, workdir: str) -> dict:
         data_iter.close()
     if stop_reason == "preempted":
         writer.write_text(f"stopped by SIGTERM after step {step}; checkpoint saved, rerun the command to resume")
+    elif stop_reason == "out_of_time":
+        writer.write_text(f"stopped after step {step}: config.train.max_seconds={max_seconds:g} reached; checkpoint "
+                          "saved, rerun the command to continue")
     elif stop_reason:
         raise TrainingStopped(f"stopping: {stop_reason}; the last good checkpoint "
                               f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}")

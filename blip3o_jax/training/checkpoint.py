@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -165,17 +166,24 @@ class PreemptionWatcher:
         logging.warning("received signal %d: saving a checkpoint and exiting", signum)
         self._event.set()
 
-    def requested(self, step: int) -> bool:
-        if self._event.is_set():
-            return True
-        if jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils
+    def requested(self, step: int, *other_flags: bool) -> tuple[bool, ...]:
+        """(preemption requested, *other_flags), each True when it is True on *any* process.
 
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except Exception:  # noqa: BLE001  (preemption service not initialised)
-                return False
-        return False
+        Every process must stop at the same step (the final checkpoint save is collective), but SIGTERM reaches
+        hosts at different moments and wall-clock budgets run out at different moments: the flags are OR-ed over
+        the processes (one tiny all-gather per step, only in multi-process runs).
+        """
+        flags = [self._event.is_set(), *other_flags]
+        if jax.process_count() == 1:
+            return tuple(bool(f) for f in flags)
+        from jax.experimental import multihost_utils
+
+        try:
+            flags[0] = flags[0] or bool(multihost_utils.reached_preemption_sync_point(step))
+        except Exception:  # noqa: BLE001  (preemption service not initialised)
+            pass
+        gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+        return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).any(axis=0))
 
     def restore_handlers(self):
         for sig, prev in self._previous.items():
