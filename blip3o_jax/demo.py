@@ -1,7 +1,8 @@
 """The whole system on a laptop CPU in a few minutes: `make demo` (= `python -m blip3o_jax.demo`).
 
-1. writes synthetic WebDataset shards of single coloured shapes with captions ("a large red circle") and builds a
-   tiny tokenizer (blip3o_jax/data);
+1. writes synthetic WebDataset shards of single coloured shapes with captions ("a large red circle"), drawn by the
+   data generator (blip3o_jax/data/synthetic.py) at 48 px and centre-cropped to 32 px, and builds a tiny
+   tokenizer;
 2. trains the `tiny` config (configs/tiny.py) with the real train loop: frozen 2-layer Qwen3-style backbone +
    latent queries + a small Lumina-Next DiT, flow matching, Orbax checkpoints;
 3. reloads the checkpoint, samples held-out prompts (fresh captions and noise, never-seen samples) and writes a PNG
@@ -116,19 +117,57 @@ def score(images: np.ndarray, captions) -> dict:
 # the demo
 
 
-def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray]:
-    """Captions and real images of fresh synthetic samples (another seed than the training shards)."""
+IMAGE_SIZE = 32  # the tiny config's image side
+ZOOM = 1.5  # scenes are drawn on a 1.5x larger canvas and centre-cropped: bigger shapes, more pixels on their outline
+
+
+def demo_scene(seed: int, i: int) -> tuple[np.ndarray, str]:
+    """(uint8 image (32, 32, 3), caption) of scene i: one coloured shape from the data generator
+    (blip3o_jax/data/synthetic.py), drawn at 48 px and centre-cropped to 32 px so that shapes fill more of the
+    image (a small star is 10 px wide instead of 6), which makes shape differences learnable in minutes."""
+    from blip3o_jax.data import synthetic
+
+    canvas = int(round(IMAGE_SIZE * ZOOM))
+    image, caption, _ = synthetic.make_scene(np.random.default_rng([seed, i]), canvas, canvas, max_objects=1)
+    off = (canvas - IMAGE_SIZE) // 2
+    return np.asarray(image)[off:off + IMAGE_SIZE, off:off + IMAGE_SIZE], caption
+
+
+def write_shards(out: str, num_samples: int, seed: int = 0, per_shard: int = 1000) -> list[str]:
+    """WebDataset shards of `demo_scene`s (`<key>.jpg` + `<key>.txt`), as the data pipeline reads them."""
     import io
 
     from PIL import Image
 
     from blip3o_jax.data import synthetic
 
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for shard, start in enumerate(range(0, num_samples, per_shard)):
+        members = []
+        for i in range(start, min(num_samples, start + per_shard)):
+            image, caption = demo_scene(seed, i)
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="JPEG", quality=95)
+            members.append((f"{i:08d}", {"jpg": buf.getvalue(), "txt": caption}))
+        paths.append(os.path.join(out, f"shapes-{shard:06d}.tar"))
+        synthetic.write_tar(paths[-1], members)
+    return paths
+
+
+def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray]:
+    """Captions and real images of fresh scenes (another seed than the training shards)."""
+    import io
+
+    from PIL import Image
+
     captions, images = [], []
     for i in range(n):
-        s = synthetic.sample(seed, i, image_size=32, max_objects=1)
-        captions.append(s["txt"])
-        images.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
+        image, caption = demo_scene(seed, i)
+        buf = io.BytesIO()  # through JPEG like the training images
+        Image.fromarray(image).save(buf, format="JPEG", quality=95)
+        captions.append(caption)
+        images.append(np.asarray(Image.open(buf).convert("RGB")))
     return captions, np.stack(images)
 
 
@@ -151,8 +190,7 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
     print(f"[demo] 1/4 synthetic data: {num_samples} single-shape scenes (32x32) + tiny tokenizer in {data_dir}",
           flush=True)
     if not os.path.isdir(os.path.join(data_dir, "shards")):
-        synthetic.generate(os.path.join(data_dir, "shards"), num_samples, samples_per_shard=1000, image_size=32,
-                           max_objects=1, formats=("tar",), seed=0)
+        write_shards(os.path.join(data_dir, "shards"), num_samples, seed=0)
         build_tiny_tokenizer(os.path.join(data_dir, "tokenizer"))
     config = load_config(os.path.join(HERE, "configs", "tiny.py") + ":" + data_dir, overrides or {})
     if steps is not None:
