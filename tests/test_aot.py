@@ -31,8 +31,18 @@ def _run(python: str, args: list[str], timeout: int = 300) -> tuple[str, dict]:
     return "\n".join(lines[:-1]), json.loads(lines[-1])
 
 
-def test_cpu_plan_of_the_tiny_config():
+def test_cpu_plan_of_the_tiny_config(tmp_path):
     table, r = _run(sys.executable, [*SMALL, "--platform", "cpu", "--num_devices", "8", "--mesh", "data=2,fsdp=4"])
+    # the saved output renders as a row of the README's Markdown table
+    saved = tmp_path / "tiny_cpu.log"
+    saved.write_text(table + "\n" + json.dumps(r) + "\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, TOOL, "--markdown", str(saved), str(saved)], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].startswith("| config | topology") and len(rows) == 4  # header, rule, one row per file
+    assert rows[2].startswith("| tiny | cpu x8 (8) | data=2,fsdp=4,tensor=1 |") and rows[2] == rows[3]
     assert "tiny on cpu x8" in table and "mesh data=2 fsdp=4 tensor=1" in table
     for word in ("arguments", "outputs", "temporaries", "peak", "FLOPs"):
         assert word in table, word
@@ -86,3 +96,25 @@ def test_tpu_plan_of_the_tiny_config():
     mem, parts = r["memory_per_device"], r["params_bytes_per_device"]
     assert mem["arguments"] >= parts["trainable+optimizer"] + parts["frozen"]
     assert "XLA estimate" in table and "fits" in table
+
+
+def test_roofline_and_markdown_of_a_tpu_plan():
+    """The roofline columns: max(HLO FLOPs / peak, HLO bytes / HBM bandwidth) per chip, and the MFU bound."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import aot_compile
+    finally:
+        sys.path.pop(0)
+    GiB = 1024**3
+    r = {"config": "x", "platform": "tpu", "topology": "v6e:8x8", "devices": 64, "chips": 64, "chip": "TPU v6e",
+         "mesh": {"data": 1, "fsdp": 64, "tensor": 1}, "remat": "full", "hbm_per_device": 32 * GiB, "fits": True,
+         "memory_per_device": {"peak": 4 * GiB}, "hlo_flops_per_device": 91.8e12,
+         "hlo_bytes_accessed_per_device": 328e9, "model_flops_per_step": 64 * 45.9e12,
+         "estimated_step_s": None, "implied_mfu": None, "estimated_samples_per_s": None}
+    aot_compile.add_roofline(r)
+    # compute 91.8e12 / 918e12 = 0.1 s < HBM 328e9 / 1640e9 = 0.2 s: HBM-bound, MFU <= 45.9 / (918 x 0.2) = 25 %
+    assert r["roofline_bound_by"] == "HBM" and abs(r["roofline_step_s"] - 0.2) < 1e-9
+    assert abs(r["roofline_mfu_bound"] - 0.25) < 1e-9
+    row = aot_compile.markdown_table([r]).splitlines()[2]
+    assert row == ("| x | v6e:8x8 (64) | data=1,fsdp=64,tensor=1 | full | 4.00 / 32 GiB | yes | - "
+                   "| 0.200 s, HBM (25%) | - |")

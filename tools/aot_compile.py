@@ -6,6 +6,7 @@ what one chip would hold and how fast XLA thinks the step is, before renting the
     python tools/aot_compile.py --config configs/blip3o_4b.py --topology v6e:8x8 --mesh data=2,fsdp=-1 \
         --config.data.global_batch_size=256
     python tools/aot_compile.py --config configs/tiny.py --platform cpu --num_devices 8   # no libtpu: CPU plan
+    python tools/aot_compile.py --markdown plans/*.log      # saved outputs -> the README's Markdown table
 
 What it does: builds the mesh over the topology's devices (`jax.experimental.topologies`, the device layout of the
 real slice), calls `training.step.make_train_step(config, mesh)` (the same function the trainer jits), lowers
@@ -19,6 +20,9 @@ with XLA's TPU backend. From the compiled executable:
 - XLA's cost model (`compiled.cost_analysis()`): HLO FLOPs per chip (recompute included) and `optimal_seconds`,
   its estimate of the step time; the implied MFU = analytic model FLOPs of the global batch (training/metrics.py,
   recompute not counted) / (chips x bf16 peak x estimated time).
+
+- the roofline bound: step >= max(HLO FLOPs / peak, HLO bytes accessed / HBM bandwidth) per chip, and the MFU
+  bound it implies; every TPU plan has it (this libtpu gives no `optimal_seconds` for v6e).
 
 XLA's time estimate is a roofline-style model (no overlap accounting, no host input pipeline): use it to compare
 plans and to catch an order-of-magnitude problem, not as a promise. The memory figures are exact for the compiled
@@ -60,6 +64,7 @@ elif _PLATFORM == "cpu":
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 
@@ -67,15 +72,16 @@ from absl import flags  # noqa: E402
 
 GiB = 1024**3
 
-# Per chip: HBM and dense bf16 peak (vendor data sheets). A topology's device may be a chip or one of its cores
-# (v4 without megacore lists 2 devices per chip): figures are divided by devices per chip.
+# Per chip: HBM, HBM bandwidth and dense bf16 peak (vendor data sheets). A topology's device may be a chip or one of
+# its cores (v4 without megacore lists 2 devices per chip): figures are divided by devices per chip.
 CHIPS = {
-    "v4": dict(name="TPU v4", hbm_gib=32, peak_flops=275e12),
-    "v5e": dict(name="TPU v5e", hbm_gib=16, peak_flops=197e12),
-    "v5litepod": dict(name="TPU v5e", hbm_gib=16, peak_flops=197e12),
-    "v5p": dict(name="TPU v5p", hbm_gib=95, peak_flops=459e12),
-    "v6e": dict(name="TPU v6e", hbm_gib=32, peak_flops=918e12),
+    "v4": dict(name="TPU v4", hbm_gib=32, hbm_gbps=1228, peak_flops=275e12),
+    "v5e": dict(name="TPU v5e", hbm_gib=16, hbm_gbps=819, peak_flops=197e12),
+    "v5litepod": dict(name="TPU v5e", hbm_gib=16, hbm_gbps=819, peak_flops=197e12),
+    "v5p": dict(name="TPU v5p", hbm_gib=95, hbm_gbps=2765, peak_flops=459e12),
+    "v6e": dict(name="TPU v6e", hbm_gib=32, hbm_gbps=1640, peak_flops=918e12),
 }
+CHIP_BY_NAME = {c["name"]: c for c in CHIPS.values()}
 
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v6e:16x16, v5e:16x16 (--platform tpu).")
 flags.DEFINE_enum("platform", "tpu", ["tpu", "cpu"], "tpu: compile for --topology with libtpu; cpu: simulated devices.")
@@ -86,6 +92,8 @@ flags.DEFINE_string("remat", None, "Rematerialisation of every tower (backbone, 
                     "Default: the config's.")
 flags.DEFINE_integer("batch", None, "Global batch size override (default: config.data.global_batch_size).")
 flags.DEFINE_string("name", None, "Label of the config in the output (default: the config file's name).")
+flags.DEFINE_bool("markdown", False, "Compile nothing: read this tool's saved outputs (the files given as arguments, "
+                  "each ending in the JSON line) and print them as one Markdown table (the README's).")
 flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "unrolled", "scanned"],
                   "Where the FLOP count and time estimate come from. XLA's cost analysis counts a while loop's body "
                   "once, so a step with `nn.scan`-ned layers reports one layer per tower. 'extrapolate' (default): "
@@ -365,11 +373,56 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "implied_mfu": None if est is None else model_flops_step / (n_dev * target.peak_per_device * est),
         "estimated_samples_per_s": None if est is None else B / est,
         "cost_source": cost_source,
+        "roofline_step_s": None,
+        "roofline_mfu_bound": None,
         "lower_s": t_lower,
         "compile_s": t_compile,
         "cost_compile_s": t_cost,
     }
+    if valid:
+        add_roofline(result)
     return result
+
+
+def add_roofline(r: dict) -> dict:
+    """The roofline bound of a TPU plan, in place: step time >= max(HLO FLOPs / peak, HLO bytes / HBM bandwidth)
+    per device, and the MFU bound it implies. Next to XLA's estimate (which adds its own per-op model and is not
+    available for every generation, e.g. none from this libtpu for v6e), it is the one time figure every TPU plan has.
+    """
+    chip = CHIP_BY_NAME.get(r.get("chip"))
+    if r.get("platform") != "tpu" or chip is None or not r.get("hlo_flops_per_device"):
+        return r
+    per_chip = max(1, r["devices"] // r["chips"])
+    compute_s = r["hlo_flops_per_device"] / (chip["peak_flops"] / per_chip)
+    memory_s = r["hlo_bytes_accessed_per_device"] / (chip["hbm_gbps"] * 1e9 / per_chip)
+    bound = max(compute_s, memory_s)
+    r["roofline_step_s"] = bound
+    r["roofline_bound_by"] = "compute" if compute_s >= memory_s else "HBM"
+    r["roofline_mfu_bound"] = r["model_flops_per_step"] / (r["devices"] * chip["peak_flops"] / per_chip * bound)
+    return r
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One Markdown row per plan (the README's TPU table)."""
+    GB = GiB
+    rows = ["| config | topology (chips) | mesh | remat | peak / HBM per chip | fits | XLA est. step (MFU) "
+            "| roofline step >= (MFU <=) | samples/s (XLA est.) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        add_roofline(r)
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
+        hbm = r.get("hbm_per_device")
+        mem = f"{r['memory_per_device']['peak'] / GB:.2f} / {hbm / GB:.0f} GiB" if hbm else \
+            f"{r['memory_per_device']['peak'] / GB:.2f} GiB"
+        fits = {True: "yes", False: "**no**", None: "-"}[r.get("fits")]
+        est = "-" if r.get("estimated_step_s") is None else \
+            f"{r['estimated_step_s']:.3f} s ({100 * r['implied_mfu']:.0f}%)"
+        roof = "-" if r.get("roofline_step_s") is None else \
+            f"{r['roofline_step_s']:.3f} s, {r['roofline_bound_by']} ({100 * r['roofline_mfu_bound']:.0f}%)"
+        sps = "-" if r.get("estimated_samples_per_s") is None else f"{r['estimated_samples_per_s']:.0f}"
+        rows.append(f"| {r['config']} | {r['topology']} ({r['chips']}) | {mesh} | {r['remat']} | {mem} | {fits} "
+                    f"| {est} | {roof} | {sps} |")
+    return "\n".join(rows)
 
 
 def _bytes(b: float) -> str:
@@ -410,6 +463,9 @@ def format_table(r: dict) -> str:
                      f"samples/s, implied MFU {100 * r['implied_mfu']:.1f}%")
     else:
         lines.append("  XLA estimate: none on this platform (compile for a TPU topology for a time estimate)")
+    if r.get("roofline_step_s") is not None:
+        lines.append(f"  roofline:     step >= {r['roofline_step_s']:.3f} s ({r['roofline_bound_by']}-bound: HLO FLOPs / "
+                     f"peak vs HLO bytes / HBM bandwidth), MFU <= {100 * r['roofline_mfu_bound']:.1f}%")
     lines.append(f"  lowering {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"
                  + (f", cost compile {r['cost_compile_s']:.1f} s" if r["cost_compile_s"] else ""))
     return "\n".join(lines)
@@ -419,9 +475,21 @@ def _main(argv):
     from blip3o_jax import benchmarking
     from blip3o_jax.cli import UserError
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}")
     F = flags.FLAGS
+    if len(argv) > 1 and not F.markdown:
+        raise UserError(f"unexpected arguments {argv[1:]}")
+    if F.markdown:
+        if len(argv) < 2:
+            raise UserError("--markdown: give the saved outputs of this tool as arguments")
+        results = []
+        for path in argv[1:]:
+            try:
+                with open(path) as f:
+                    results.append(json.loads(f.read().strip().splitlines()[-1]))
+            except (OSError, ValueError, IndexError) as e:
+                raise UserError(f"--markdown {path}: not an output of this tool ({e})") from None
+        print(markdown_table(results))
+        return
     if F.config is None:
         raise UserError("--config is required")
     if F.platform == "tpu":
