@@ -98,23 +98,23 @@ def test_tpu_plan_of_the_tiny_config():
     assert "XLA estimate" in table and "fits" in table
 
 
-def test_roofline_and_markdown_of_a_tpu_plan():
-    """The roofline columns: max(HLO FLOPs / peak, HLO bytes / HBM bandwidth) per chip, and the MFU bound."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import aot_compile
-    finally:
-        sys.path.pop(0)
+def test_roofline_and_markdown_of_a_tpu_plan(tmp_path):
+    """The roofline columns of a saved TPU plan: max(HLO FLOPs / peak, HLO bytes / HBM bandwidth) per chip, and the
+    MFU bound (through the CLI: importing the tool must not be needed, and must not leak TPU variables)."""
     GiB = 1024**3
     r = {"config": "x", "platform": "tpu", "topology": "v6e:8x8", "devices": 64, "chips": 64, "chip": "TPU v6e",
          "mesh": {"data": 1, "fsdp": 64, "tensor": 1}, "remat": "full", "hbm_per_device": 32 * GiB, "fits": True,
          "memory_per_device": {"peak": 4 * GiB}, "hlo_flops_per_device": 91.8e12,
          "hlo_bytes_accessed_per_device": 328e9, "model_flops_per_step": 64 * 45.9e12,
          "estimated_step_s": None, "implied_mfu": None, "estimated_samples_per_s": None}
-    aot_compile.add_roofline(r)
+    saved = tmp_path / "plan.log"
+    saved.write_text("(the table)\n" + json.dumps(r) + "\n")
+    proc = subprocess.run([sys.executable, TOOL, "--markdown", str(saved)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     # compute 91.8e12 / 918e12 = 0.1 s < HBM 328e9 / 1640e9 = 0.2 s: HBM-bound, MFU <= 45.9 / (918 x 0.2) = 25 %
-    assert r["roofline_bound_by"] == "HBM" and abs(r["roofline_step_s"] - 0.2) < 1e-9
-    assert abs(r["roofline_mfu_bound"] - 0.25) < 1e-9
-    row = aot_compile.markdown_table([r]).splitlines()[2]
-    assert row == ("| x | v6e:8x8 (64) | data=1,fsdp=64,tensor=1 | full | 4.00 / 32 GiB | yes | - "
-                   "| 0.200 s, HBM (25%) | - |")
+    assert proc.stdout.strip().splitlines()[2] == (
+        "| x | v6e:8x8 (64) | data=1,fsdp=64,tensor=1 | full | 4.00 / 32 GiB | yes | - | 0.200 s, HBM (25%) | - |")
+    bad = subprocess.run([sys.executable, TOOL, "--markdown", str(tmp_path / "missing.log")], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert bad.returncode == 2 and "not an output of this tool" in bad.stderr

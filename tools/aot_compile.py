@@ -47,21 +47,26 @@ def _pre_parse(argv, name, default):
     return default
 
 
-_PLATFORM = _pre_parse(sys.argv, "platform", "tpu")
-if _PLATFORM == "tpu":
-    # compile-only: the TPU backend is driven through topology descriptions; the runtime stays on CPU
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's "no TPU host" init error
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    # compile-only, no TPU touched: several plans may run at once (libtpu otherwise holds /tmp/libtpu_lockfile)
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-elif _PLATFORM == "cpu":
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    n = int(_pre_parse(sys.argv, "num-devices", _pre_parse(sys.argv, "num_devices", "8")))
-    flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags_env + [f"--xla_force_host_platform_device_count={n}"])
+def _configure_environment(argv) -> None:
+    """Environment for the compile, before jax is first imported; only when this file runs as a program (importing
+    it, e.g. from a test, must not leak TPU variables into the importing process)."""
+    platform = _pre_parse(argv, "platform", "tpu")
+    if platform == "tpu":
+        # compile-only: the TPU backend is driven through topology descriptions; the runtime stays on CPU
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's "no TPU host" init error
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        # compile-only, no TPU touched: several plans may run at once (libtpu otherwise holds /tmp/libtpu_lockfile)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    elif platform == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        n = int(_pre_parse(argv, "num-devices", _pre_parse(argv, "num_devices", "8")))
+        flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags_env + [f"--xla_force_host_platform_device_count={n}"])
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -520,6 +525,7 @@ def _main(argv):
 
 
 def main():
+    _configure_environment(sys.argv)
     from blip3o_jax import cli
 
     cli.define_config_flag()
