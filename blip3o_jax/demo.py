@@ -148,12 +148,18 @@ def demo_scene(seed: int, i: int) -> tuple[np.ndarray, str]:
     return np.asarray(image)[off:off + IMAGE_SIZE, off:off + IMAGE_SIZE], f"a {size} {colour} {shape}"
 
 
-def write_shards(out: str, num_samples: int, seed: int = 0, per_shard: int = 1000) -> list[str]:
-    """WebDataset shards of `demo_scene`s (`<key>.jpg` + `<key>.txt`), as the data pipeline reads them."""
+def _jpeg(image: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_shards(out: str, num_samples: int, seed: int = 0, per_shard: int = 1000) -> list[str]:
+    """WebDataset shards of `demo_scene`s (`<key>.jpg` + `<key>.txt`), as the data pipeline reads them."""
     from blip3o_jax.data import synthetic
 
     os.makedirs(out, exist_ok=True)
@@ -162,9 +168,7 @@ def write_shards(out: str, num_samples: int, seed: int = 0, per_shard: int = 100
         members = []
         for i in range(start, min(num_samples, start + per_shard)):
             image, caption = demo_scene(seed, i)
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="JPEG", quality=95)
-            members.append((f"{i:08d}", {"jpg": buf.getvalue(), "txt": caption}))
+            members.append((f"{i:08d}", {"jpg": _jpeg(image), "txt": caption}))
         paths.append(os.path.join(out, f"shapes-{shard:06d}.tar"))
         synthetic.write_tar(paths[-1], members)
     return paths
@@ -179,10 +183,8 @@ def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray
     captions, images = [], []
     for i in range(n):
         image, caption = demo_scene(seed, i)
-        buf = io.BytesIO()  # through JPEG like the training images
-        Image.fromarray(image).save(buf, format="JPEG", quality=95)
         captions.append(caption)
-        images.append(np.asarray(Image.open(buf).convert("RGB")))
+        images.append(np.asarray(Image.open(io.BytesIO(_jpeg(image))).convert("RGB")))  # as the training images
     return captions, np.stack(images)
 
 

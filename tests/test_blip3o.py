@@ -228,6 +228,17 @@ def test_batch_without_any_image_gives_zero_generation_loss(case):
     assert float(loss) == 0.0 and float(aux["gen_count"]) == 0.0
 
 
+def t2i_batch(rs, batch: int, n: int = 24, n_query: int = 16, task=None) -> dict:
+    """A text-to-image batch of random prompts of n tokens ending in n_query query slots, with 4x4x8 targets."""
+    return {"input_ids": rs.randint(3, 96, (batch, n)).astype(np.int32),
+            "attention_mask": np.ones((batch, n), np.int32),
+            "positions": np.tile(np.arange(n, dtype=np.int32), (batch, 1)),
+            "query_index": np.tile(np.arange(n - n_query, n, dtype=np.int32), (batch, 1)),
+            "task": np.zeros((batch,), np.int32) if task is None else np.asarray(task, np.int32),
+            "sample_valid": np.ones((batch,), np.int32),
+            "targets": rs.randn(batch, 4, 4, 8).astype(np.float32)}
+
+
 def test_clip_mse_variant_regresses_the_grid():
     config = tiny_config(loss="clip_mse", n_query=16)
     config.data.n_query = 16
@@ -236,13 +247,7 @@ def test_clip_mse_variant_regresses_the_grid():
     setup = step_lib.make_train_step(config, mesh)
     assert setup.trainable_names == ("latent_queries", "mse_head")
     state, frozen = setup.init(jax.random.key(0))
-    rs = np.random.RandomState(1)
-    n = 24
-    batch = {"input_ids": rs.randint(3, 96, (B, n)).astype(np.int32), "attention_mask": np.ones((B, n), np.int32),
-             "positions": np.tile(np.arange(n, dtype=np.int32), (B, 1)),
-             "query_index": np.tile(np.arange(n - 16, n, dtype=np.int32), (B, 1)),
-             "task": np.zeros((B,), np.int32), "sample_valid": np.ones((B,), np.int32),
-             "targets": rs.randn(B, 4, 4, 8).astype(np.float32)}
+    batch = t2i_batch(np.random.RandomState(1), B)
     params = opt_lib.merge_params(state.params, frozen)
     aux = jax.jit(setup.loss_fn)(params, batch, batch["targets"], jax.random.key(0))
     cond, _ = setup.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["positions"],

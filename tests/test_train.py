@@ -16,7 +16,7 @@ from blip3o_jax.training import checkpoint as ckpt_lib
 from blip3o_jax.training import metrics as metrics_lib
 from blip3o_jax.training import optimizer as opt_lib
 from blip3o_jax.training import step as step_lib
-from test_blip3o import tiny_config  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_blip3o import t2i_batch, tiny_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, NQ = 8, 14, 4
@@ -153,13 +153,7 @@ def test_grad_accumulation_equals_one_big_batch():
         config.train.grad_accum_steps = accum
         setup = step_lib.make_train_step(config, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]))
         state, frozen = setup.init(jax.random.key(0))
-        rs = np.random.RandomState(4)
-        n = 24
-        batch = {"input_ids": rs.randint(3, 96, (B, n)).astype(np.int32), "attention_mask": np.ones((B, n), np.int32),
-                 "positions": np.tile(np.arange(n, dtype=np.int32), (B, 1)),
-                 "query_index": np.tile(np.arange(n - 16, n, dtype=np.int32), (B, 1)),
-                 "task": np.array([0, 0, 2, 0, 0, 0, 0, 2], np.int32), "sample_valid": np.ones((B,), np.int32),
-                 "targets": rs.randn(B, 4, 4, 8).astype(np.float32)}
+        batch = t2i_batch(np.random.RandomState(4), B, task=[0, 0, 2, 0, 0, 0, 0, 2])
         state, m = setup.step_fn(state, frozen, batch)
         return jax.device_get(state.params), jax.device_get(m)
 
@@ -273,13 +267,7 @@ def test_ema_weights_follow_the_params_and_survive_a_checkpoint(tmp_path):
     setup = step_lib.make_train_step(config, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     state, frozen = setup.init(jax.random.key(0))
     start = jax.device_get(state.params)
-    rs = np.random.RandomState(6)
-    n = 24
-    batch = {"input_ids": rs.randint(3, 96, (B, n)).astype(np.int32), "attention_mask": np.ones((B, n), np.int32),
-             "positions": np.tile(np.arange(n, dtype=np.int32), (B, 1)),
-             "query_index": np.tile(np.arange(n - 16, n, dtype=np.int32), (B, 1)),
-             "task": np.zeros((B,), np.int32), "sample_valid": np.ones((B,), np.int32),
-             "targets": rs.randn(B, 4, 4, 8).astype(np.float32)}
+    batch = t2i_batch(np.random.RandomState(6), B)
     state, _ = setup.step_fn(state, frozen, batch)
     new = jax.device_get(state.params)
     jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 0.75 * a + 0.25 * b, rtol=1e-5, atol=1e-7),

@@ -379,6 +379,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "estimated_samples_per_s": None if est is None else B / est,
         "cost_source": cost_source,
         "roofline_step_s": None,
+        "roofline_bound_by": None,
         "roofline_mfu_bound": None,
         "lower_s": t_lower,
         "compile_s": t_compile,
@@ -409,7 +410,6 @@ def add_roofline(r: dict) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     """One Markdown row per plan (the README's TPU table)."""
-    GB = GiB
     rows = ["| config | topology (chips) | mesh | remat | peak / HBM per chip | fits | XLA est. step (MFU) "
             "| roofline step >= (MFU <=) | samples/s (XLA est.) |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -417,8 +417,8 @@ def markdown_table(results: list[dict]) -> str:
         add_roofline(r)
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
         hbm = r.get("hbm_per_device")
-        mem = f"{r['memory_per_device']['peak'] / GB:.2f} / {hbm / GB:.0f} GiB" if hbm else \
-            f"{r['memory_per_device']['peak'] / GB:.2f} GiB"
+        mem = f"{r['memory_per_device']['peak'] / GiB:.2f} / {hbm / GiB:.0f} GiB" if hbm else \
+            f"{r['memory_per_device']['peak'] / GiB:.2f} GiB"
         fits = {True: "yes", False: "**no**", None: "-"}[r.get("fits")]
         est = "-" if r.get("estimated_step_s") is None else \
             f"{r['estimated_step_s']:.3f} s ({100 * r['implied_mfu']:.0f}%)"
@@ -481,8 +481,6 @@ def _main(argv):
     from blip3o_jax.cli import UserError
 
     F = flags.FLAGS
-    if len(argv) > 1 and not F.markdown:
-        raise UserError(f"unexpected arguments {argv[1:]}")
     if F.markdown:
         if len(argv) < 2:
             raise UserError("--markdown: give the saved outputs of this tool as arguments")
@@ -495,6 +493,8 @@ def _main(argv):
                 raise UserError(f"--markdown {path}: not an output of this tool ({e})") from None
         print(markdown_table(results))
         return
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}")
     if F.config is None:
         raise UserError("--config is required")
     if F.platform == "tpu":

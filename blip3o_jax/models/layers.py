@@ -49,15 +49,15 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features), self.param_dtype
         )
-        if x.ndim > 2 and x.shape[-2] % 16 == 0:
-            # as one 2-D matmul: XLA:CPU runs the backward's weight gradient of a (B, L, D) input (a contraction
-            # over two dims) ~1.7x slower than over one merged dim. Merging is a bitcast on CPU and GPU, and on TPU
-            # when L is a multiple of the (8|16, 128) tile's rows; other lengths (EVA's 1025 tokens) stay 3-D
-            lead = x.shape[:-1]
-            y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype),
-                        precision=self.precision).reshape(*lead, self.features)
-        else:
-            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        # as one 2-D matmul: XLA:CPU runs the backward's weight gradient of a (B, L, D) input (a contraction over
+        # two dims) ~1.7x slower than over one merged dim. Merging is a bitcast on CPU and GPU, and on TPU when L
+        # is a multiple of the (8|16, 128) tile's rows; other lengths (EVA's 1025 tokens) stay 3-D
+        merge = x.ndim > 2 and x.shape[-2] % 16 == 0
+        lead = x.shape[:-1]
+        y = jnp.dot((x.reshape(-1, x.shape[-1]) if merge else x).astype(self.dtype), kernel.astype(self.dtype),
+                    precision=self.precision)
+        if merge:
+            y = y.reshape(*lead, self.features)
         if self.use_bias:
             bias = self.param("bias", partitioned(self.bias_init, self.kernel_axes[-1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

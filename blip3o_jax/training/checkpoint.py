@@ -13,6 +13,7 @@ on one mesh restores onto any other (Orbax reshards on read).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -178,10 +179,8 @@ class PreemptionWatcher:
             return tuple(bool(f) for f in flags)
         from jax.experimental import multihost_utils
 
-        try:
+        with contextlib.suppress(Exception):  # the preemption service is not initialised
             flags[0] = flags[0] or bool(multihost_utils.reached_preemption_sync_point(step))
-        except Exception:  # noqa: BLE001  (preemption service not initialised)
-            pass
         gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
         return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).any(axis=0))
 
