@@ -1,7 +1,8 @@
 """Loading pretrained weights: HF-format directories and our converted Orbax output, for any registered kind.
 
 Two on-disk formats are read by `load_pretrained`:
-- a transformers directory: `config.json` (its `model_type` names the kind through `models.HF_MODEL_TYPES`) and
+- a transformers or diffusers directory: `config.json` (its `model_type` or `_class_name` names the kind through the
+  model registry) and
   safetensors weights (single file, or sharded with `model.safetensors.index.json`; `.bin` only when allowed);
 - our converted output (written by `convert_checkpoint`, i.e. `convert_torch_weights.py`): the same `config.json`,
   `blip3o_jax.json` (kind, stored dtype, source) and `params/`, an Orbax checkpoint of the Flax params tree.
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from blip3o_jax import convert, models
+from blip3o_jax.models import registry
 from blip3o_jax.convert.common import ConversionError, iter_safetensors, load_state_dict, read_safetensors_header
 
 META_FILE = "blip3o_jax.json"
@@ -59,15 +61,17 @@ def resolve(path: str, kind: str | None = None) -> tuple[str, dict]:
     if kind is None:
         if hf is None:
             raise ConversionError(f"{cdir}: no config.json, so the model kind is unknown; pass --kind")
-        model_type = hf.get("model_type")
-        if model_type not in models.HF_MODEL_TYPES:
+        if not isinstance(hf, dict):
+            raise ConversionError(f"{config_path}: not a JSON object")
+        kind = registry.kind_of_config(hf)
+        if kind is None:
+            field = "model_type" if "model_type" in hf or "_class_name" not in hf else "_class_name"
             raise ConversionError(
-                f"{config_path}: model_type {model_type!r} is not supported; expected one of "
-                f"{sorted(models.HF_MODEL_TYPES)} (or pass --kind)"
+                f"{config_path}: {field} {hf.get(field)!r} is not supported; expected one of "
+                f"{registry.known_identifiers()} (or pass --kind)"
             )
-        kind = models.HF_MODEL_TYPES[model_type]
-    if kind not in models.KINDS:
-        raise ConversionError(f"unknown model kind {kind!r}; expected one of {sorted(models.KINDS)}")
+    if kind not in registry.kinds():
+        raise ConversionError(f"unknown model kind {kind!r}; expected one of {sorted(registry.kinds())}")
     return kind, (hf or {})
 
 
@@ -158,10 +162,9 @@ def _check_shapes(kind: str, cfg, params, where: str) -> None:
     """Our converted output against the model's expected shapes (when the converter can say them)."""
     import flax
 
-    conv = convert._converter(kind)
-    if not hasattr(conv, "expected_shapes"):
+    want = convert.expected_shapes(kind, cfg)
+    if want is None:
         return
-    want = conv.expected_shapes(kind, cfg)
     have = {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
     for key in sorted(set(want) | set(have)):
         if key not in have:

@@ -26,6 +26,7 @@ import numpy as np
 
 from blip3o_jax import sharding as shd
 from blip3o_jax.cli import UserError
+from blip3o_jax.models import registry
 from blip3o_jax.training import checkpoint as ckpt_lib
 from blip3o_jax.training import metrics as metrics_lib
 from blip3o_jax.training import optimizer as opt_lib
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 STEP_FIELDS = ("input_ids", "attention_mask", "positions", "task", "sample_valid", "query_index", "gen_image",
                "targets", "labels", "loss_mask", "und_patches", "und_index", "mrope_positions")
 
-# converted checkpoint kind -> the BLIP3-o param group it initialises (`--config.init_from=PATH`)
-INIT_GROUP_OF_KIND = {
-    "qwen2": "backbone", "qwen3": "backbone", "qwen2_5_vl_text": "backbone",
-    "dit": "dit", "eva_clip": "gen_encoder", "siglip_vision": "visual", "qwen2_5_vl_vision": "visual",
-}
 
 
 class TrainingStopped(RuntimeError):
@@ -100,7 +96,7 @@ def load_init_from(spec: str, setup: step_lib.TrainSetup) -> dict:
             params = ckpt_lib.restore_params(os.path.join(path, pretrained.PARAMS_DIR), target)
             loaded.update(params)
             continue
-        group = group or INIT_GROUP_OF_KIND.get(kind)
+        group = group or registry.get(kind).init_group
         if group is None or group not in abstract:
             raise UserError(f"config.init_from: cannot tell which part of the model {path} (kind {kind}) "
                             f"initialises; write GROUP={path} with GROUP one of {sorted(abstract)}")

@@ -190,9 +190,7 @@ def test_config_defaults_and_validation():
         8, 1, 1792, 1792, 24, 28, 28)
     assert cfg.head_dim == 64 and cfg.temb_dim == 1024 and cfg.ffn_dim == 4864  # §1.5
     assert cfg.latent_embedding_size == 3584 and cfg.qk_norm and cfg.norm_eps == 1e-5
-    from blip3o_jax.convert import dit as convert_dit
-
-    shapes = convert_dit.expected_shapes(cfg)
+    shapes = convert.expected_shapes("dit", cfg)
     total = sum(int(np.prod(s)) for s in shapes.values())
     assert abs(total - 1.365e9) < 0.01e9, total  # §5.1: 8B release DiT 1.365B
     for bad in (dict(learn_sigma=True), dict(dim=60, n_heads=4), dict(n_heads=28, n_kv_heads=3),

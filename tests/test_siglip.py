@@ -97,11 +97,11 @@ def test_round_trip_and_layouts(case):
 
 def test_strict_key_checks(case):
     cfg, sd = case["cfg"], case["sd"]
-    with pytest.raises(ConversionError, match=r"unexpected key 'embeddings\.patch_embedding\.extra'"):
+    with pytest.raises(ConversionError, match=r"unexpected key 'vision_model\.embeddings\.patch_embedding\.extra'"):
         convert.from_torch("siglip_vision", {**sd, "vision_model.embeddings.patch_embedding.extra": np.zeros(1)}, cfg)
     missing = dict(sd)
     del missing["vision_model.encoder.layers.0.self_attn.k_proj.bias"]
-    with pytest.raises(ConversionError, match=r"missing key 'encoder\.layers\.0\.self_attn\.k_proj\.bias'"):
+    with pytest.raises(ConversionError, match=r"missing key 'vision_model\.encoder\.layers\.0\.self_attn\.k_proj\.bias'"):
         convert.from_torch("siglip_vision", missing, cfg)
     bad = {**sd, "vision_model.embeddings.position_embedding.weight": np.zeros((7, cfg.hidden_size), np.float32)}
     with pytest.raises(ConversionError, match=r"position_embedding\.weight' has shape \(7, \d+\) but the config expects"):

@@ -52,6 +52,42 @@ def linear_rules(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list
     return rules
 
 
+def conv_to_flax(w):
+    """torch Conv2d weight (O, I/groups, kh, kw) -> flax Conv kernel (kh, kw, I/groups, O)."""
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def conv_to_torch(k):
+    return np.transpose(k, (3, 2, 0, 1))
+
+
+def conv_rules(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
+    """torch nn.Conv2d(weight (O, I/g, kh, kw), bias) <-> flax nn.Conv(kernel (kh, kw, I/g, O), bias); channels-last."""
+    rules = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", conv_to_flax, conv_to_torch)]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
+    return rules
+
+
+def conv1x1_as_linear_rules(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
+    """torch 1x1 Conv2d(weight (O, I, 1, 1)) <-> our Dense(kernel (I, O)) applied channels-last."""
+    rules = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel",
+                  lambda w: np.transpose(w[:, :, 0, 0]), lambda k: np.transpose(k)[:, :, None, None])]
+    if bias:
+        rules.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
+    return rules
+
+
+def layer_prefixes(scan: bool, n: int, torch_fmt: str, flax_name: str) -> list[tuple[str, str]]:
+    """(torch prefix, flax prefix) per repeated layer: one stacked `{i}` entry when scanned, n entries otherwise.
+
+    torch_fmt holds `{i}` (e.g. "model.layers.{i}"); unrolled flax layers are named `<flax_name>_<i>`.
+    """
+    if scan:
+        return [(torch_fmt, flax_name)]
+    return [(torch_fmt.format(i=i), f"{flax_name}_{i}") for i in range(n)]
+
+
 def norm_rules(torch_prefix: str, flax_prefix: str, bias: bool = False) -> list[Rule]:
     """torch norm `weight` (and `bias`) <-> our `scale` (and `bias`)."""
     rules = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/scale")]
@@ -91,6 +127,7 @@ def from_torch_by_rules(
     *,
     ignore: Sequence[str] = (),
     what: str = "checkpoint",
+    key_prefix: str = "",
 ):
     """Converts a torch-named state dict into a nested params dict, strictly."""
     rules = list(rules)
@@ -106,16 +143,16 @@ def from_torch_by_rules(
             parts = []
             for i in range(n):
                 key = rule.torch_key.format(i=i)
-                parts.append(_take(remaining, key, want[1:], rule, what))
+                parts.append(_take(remaining, key, want[1:], rule, what, key_prefix))
             extra = rule.torch_key.format(i=n)
             if extra in remaining:
-                raise ConversionError(f"{what}: unexpected key {extra!r}: the config has only {n} layers")
+                raise ConversionError(f"{what}: unexpected key {key_prefix + extra!r}: the config has only {n} layers")
             value = np.stack(parts, axis=0)
         else:
-            value = _take(remaining, rule.torch_key, want, rule, what)
+            value = _take(remaining, rule.torch_key, want, rule, what, key_prefix)
         flat[rule.flax_path] = value
     if remaining:
-        keys = sorted(remaining)
+        keys = sorted(key_prefix + k for k in remaining)
         shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
         raise ConversionError(f"{what}: unexpected key {shown}: not a parameter of this model/config")
     missing_params = sorted(set(expected) - set(flat))
@@ -124,20 +161,21 @@ def from_torch_by_rules(
     return _unflatten(flat)
 
 
-def _take(remaining, key, want_shape, rule: Rule, what: str) -> np.ndarray:
+def _take(remaining, key, want_shape, rule: Rule, what: str, key_prefix: str = "") -> np.ndarray:
     if key not in remaining:
-        raise ConversionError(f"{what}: missing key {key!r}")
+        raise ConversionError(f"{what}: missing key {key_prefix + key!r}")
     value = np.asarray(remaining.pop(key))
     converted = rule.to_flax(value)
     if tuple(converted.shape) != tuple(want_shape):
         torch_want = tuple(rule.to_torch(np.empty(want_shape, dtype=np.float32)).shape)
         raise ConversionError(
-            f"{what}: key {key!r} has shape {tuple(value.shape)} but the config expects {torch_want}"
+            f"{what}: key {key_prefix + key!r} has shape {tuple(value.shape)} but the config expects {torch_want}"
         )
     return converted
 
 
 def to_torch_by_rules(rules: Iterable[Rule], params) -> dict[str, np.ndarray]:
+    """The inverse of `from_torch_by_rules`: every rule's torch key(s) from the params tree."""
     flat = _flatten(flax.linen.unbox(params))
     out: dict[str, np.ndarray] = {}
     for rule in rules:
@@ -148,6 +186,80 @@ def to_torch_by_rules(rules: Iterable[Rule], params) -> dict[str, np.ndarray]:
         else:
             out[rule.torch_key] = np.ascontiguousarray(rule.to_torch(value))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine: every registered kind converts through these, driven by its converter module's table.
+#
+# A converter module (blip3o_jax/convert/<name>.py) defines `rules(cfg) -> list[Rule]` and optionally
+#   PREFIXES   key prefixes under which the tensors may sit in a bigger checkpoint (the first one present is stripped)
+#   IGNORED    regexes of checkpoint keys that are dropped (buffers, heads the model never reads), or
+#   ignored(cfg) the same, when they depend on the config
+#   SAVE_PREFIX  prefix `to_torch` writes in front of every key (the upstream on-disk layout)
+#   prepare(kind, state_dict, cfg) -> state_dict    checks and layout normalisation of the raw state dict,
+#              before the prefix is stripped and the table applied
+# A composite kind (a checkpoint made of other kinds) defines `from_torch(kind, sd, cfg)` and
+# `to_torch(kind, params, cfg)` itself and calls `convert.from_torch` for its parts.
+
+
+def _registry():
+    from blip3o_jax.models import registry
+
+    return registry
+
+
+def converter_module(kind: str):
+    spec = _registry().get(kind)
+    if spec.converter is None:
+        raise ConversionError(f"model kind {kind!r} has no weight converter")
+    import importlib
+
+    return importlib.import_module(f"blip3o_jax.convert.{spec.converter}")
+
+
+def expected_shapes(kind: str, cfg) -> dict[str, tuple[int, ...]] | None:
+    """{flax param path: shape} of the module for `cfg`, without allocating; None for a kind without `init_args`."""
+    spec = _registry().get(kind)
+    if spec.init_args is None:
+        return None
+    args, kwargs, method = spec.init_args(cfg)
+    return abstract_shapes(spec.build(cfg), *args, method=method, **kwargs)
+
+
+def _cast_floats(params, dtype_name):
+    from blip3o_jax.models import layers
+
+    if dtype_name is None:
+        return params
+    dtype = layers.to_dtype(dtype_name)
+    return jax.tree.map(
+        lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
+        params)
+
+
+def engine_from_torch(kind: str, state_dict, cfg):
+    """Flax params of `kind` from {checkpoint key: array}; strict about unknown, missing and mis-shaped keys."""
+    conv = converter_module(kind)
+    if hasattr(conv, "from_torch"):
+        return conv.from_torch(kind, state_dict, cfg)
+    sd = conv.prepare(kind, dict(state_dict), cfg) if hasattr(conv, "prepare") else state_dict
+    prefix = next((p for p in getattr(conv, "PREFIXES", ()) if p and any(k.startswith(p) for k in sd)), "")
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sd:
+        raise ConversionError(f"{kind} checkpoint: no tensors found")
+    ignore = conv.ignored(cfg) if hasattr(conv, "ignored") else getattr(conv, "IGNORED", ())
+    params = from_torch_by_rules(conv.rules(cfg), sd, expected_shapes(kind, cfg), ignore=ignore,
+                                 what=f"{kind} checkpoint", key_prefix=prefix)
+    return _cast_floats(params, getattr(cfg, "param_dtype", None))
+
+
+def engine_to_torch(kind: str, params, cfg) -> dict[str, np.ndarray]:
+    """{checkpoint key: array} with the keys of the upstream module (no prefix)."""
+    conv = converter_module(kind)
+    if hasattr(conv, "to_torch"):
+        return conv.to_torch(kind, params, cfg)
+    prefix = getattr(conv, "SAVE_PREFIX", "")
+    return {prefix + k: v for k, v in to_torch_by_rules(conv.rules(cfg), params).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,21 +10,10 @@ permuted from torch's (C, ph, pw) patch flattening to our channels-last (ph, pw,
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.convert.common import (
-    Rule,
-    abstract_shapes,
-    from_torch_by_rules,
-    linear_rules,
-    norm_rules,
-    strip_prefix,
-    to_torch_by_rules,
-)
+from blip3o_jax.convert.common import Rule, layer_prefixes, linear_rules, norm_rules
 from blip3o_jax.models import dit as dit_lib
-from blip3o_jax.models import layers
 
 PREFIXES = ("model.dit.model.", "dit.model.", "model.dit.")
 IGNORED = (r"pad_token",)
@@ -71,30 +60,8 @@ def rules(cfg: dit_lib.DiTConfig) -> list[Rule]:
     out += linear_rules(f"{te}.timestep_embedder.linear_2", f"{te}/timestep_embedder/linear_2")
     out += norm_rules(f"{te}.caption_embedder.0", f"{te}/caption_embedder_norm", bias=True)
     out += linear_rules(f"{te}.caption_embedder.1", f"{te}/caption_embedder_linear")
-    if cfg.scan_layers:
-        out += block_rules(cfg, "layers.{i}", "layers")
-    else:
-        for i in range(cfg.n_layers):
-            out += block_rules(cfg, f"layers.{i}", f"layers_{i}")
+    for t, f in layer_prefixes(cfg.scan_layers, cfg.n_layers, "layers.{i}", "layers"):
+        out += block_rules(cfg, t, f)
     out += linear_rules("norm_out.linear_1", "norm_out/linear_1")
     out += linear_rules("norm_out.linear_2", "norm_out/linear_2")
     return out
-
-
-def expected_shapes(cfg: dit_lib.DiTConfig) -> dict[str, tuple[int, ...]]:
-    x = jnp.zeros((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
-    cond = jnp.zeros((1, 1, cfg.latent_embedding_size), jnp.float32)
-    return abstract_shapes(dit_lib.DiT(cfg), x, jnp.zeros((1,), jnp.float32), cond)
-
-
-def from_torch(kind: str, state_dict, cfg: dit_lib.DiTConfig):
-    """Flax params from the original's DiT state dict (any of `PREFIXES` or none); strict about keys and shapes."""
-    sd = strip_prefix(state_dict, PREFIXES)
-    params = from_torch_by_rules(rules(cfg), sd, expected_shapes(cfg), ignore=IGNORED, what="DiT checkpoint")
-    dtype = layers.to_dtype(cfg.param_dtype)
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
-
-
-def to_torch(kind: str, params, cfg: dit_lib.DiTConfig) -> dict[str, np.ndarray]:
-    """The original's state-dict names (without prefix: prepend "model.dit.model." for a BLIP3o checkpoint)."""
-    return to_torch_by_rules(rules(cfg), params)

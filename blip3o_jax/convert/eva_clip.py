@@ -16,17 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from blip3o_jax.convert.common import (
-    ConversionError,
-    Rule,
-    abstract_shapes,
-    from_torch_by_rules,
-    linear_rules,
-    norm_rules,
-    strip_prefix,
-    to_torch_by_rules,
-)
-from blip3o_jax.models.eva_clip import EvaClipConfig, EvaVisionTransformer
+from blip3o_jax.convert.common import Rule, layer_prefixes, linear_rules, norm_rules
+from blip3o_jax.models.eva_clip import EvaClipConfig
 
 PREFIXES = (
     "model.gen_vision_tower.vision_tower.model.",
@@ -43,7 +34,7 @@ PREFIXES = (
 IGNORED = (r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"rope\.freqs_(cos|sin)")
 
 
-def _rules(cfg: EvaClipConfig) -> list[Rule]:
+def rules(cfg: EvaClipConfig) -> list[Rule]:
     p, c, w = cfg.patch_size, cfg.num_channels, cfg.width
     hd = cfg.num_heads * cfg.head_width
 
@@ -65,11 +56,7 @@ def _rules(cfg: EvaClipConfig) -> list[Rule]:
         Rule("patch_embed.proj.weight", "patch_embed/proj/kernel", patch_to_flax, patch_to_torch),
         Rule("patch_embed.proj.bias", "patch_embed/proj/bias"),
     ]
-    if cfg.scan_layers:
-        layer_prefixes = [("blocks.{i}", "blocks")]
-    else:
-        layer_prefixes = [(f"blocks.{i}", f"blocks_{i}") for i in range(cfg.layers)]
-    for t, f in layer_prefixes:
+    for t, f in layer_prefixes(cfg.scan_layers, cfg.layers, "blocks.{i}", "blocks"):
         rules += norm_rules(f"{t}.norm1", f"{f}/norm1", bias=True)
         rules.append(Rule(f"{t}.attn.qkv.weight", f"{f}/attn/qkv/kernel", qkv_w_to_flax, qkv_w_to_torch))
         if cfg.qkv_bias:
@@ -80,34 +67,3 @@ def _rules(cfg: EvaClipConfig) -> list[Rule]:
         rules += linear_rules(f"{t}.mlp.fc1", f"{f}/mlp/fc1")
         rules += linear_rules(f"{t}.mlp.fc2", f"{f}/mlp/fc2")
     return rules
-
-
-def _expected(cfg: EvaClipConfig):
-    import jax.numpy as jnp
-
-    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    return abstract_shapes(EvaVisionTransformer(cfg), images)
-
-
-
-def expected_shapes(kind: str, cfg) -> dict:
-    """{param path: shape} of the module for `cfg` (load_pretrained checks converted checkpoints against it)."""
-    if kind != "eva_clip":
-        raise ConversionError(f"eva_clip converter: unexpected kind {kind!r}")
-    return _expected(cfg)
-
-
-def from_torch(kind: str, state_dict, cfg: EvaClipConfig):
-    if kind != "eva_clip":
-        raise ConversionError(f"eva_clip converter: unexpected kind {kind!r}")
-    sd = strip_prefix(state_dict, PREFIXES)
-    if not sd:
-        raise ConversionError("eva_clip checkpoint: no EVA vision-tower tensors found")
-    return from_torch_by_rules(_rules(cfg), sd, _expected(cfg), ignore=IGNORED, what="eva_clip checkpoint")
-
-
-def to_torch(kind: str, params, cfg: EvaClipConfig) -> dict:
-    """Keys as the standalone tower file (no prefix); prepend PREFIXES[0] for a BLIP3o checkpoint."""
-    if kind != "eva_clip":
-        raise ConversionError(f"eva_clip converter: unexpected kind {kind!r}")
-    return to_torch_by_rules(_rules(cfg), params)

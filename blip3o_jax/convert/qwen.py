@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.convert.common import (
-    ConversionError,
-    Rule,
-    abstract_shapes,
-    from_torch_by_rules,
-    linear_rules,
-    norm_rules,
-    to_torch_by_rules,
-)
+from blip3o_jax.convert.common import ConversionError, Rule, layer_prefixes, linear_rules, norm_rules
 from blip3o_jax.models import qwen as qwen_model
 
 VISION_KEYS = (r"(model\.)?visual\..*",)
@@ -48,19 +39,12 @@ def rules(cfg: qwen_model.QwenConfig) -> list[Rule]:
         ]
 
     table = [Rule("model.embed_tokens.weight", "embed_tokens/embedding")]
-    if cfg.scan_layers:
-        table += layer("model.layers.{i}", "layers")
-    else:
-        for i in range(cfg.num_hidden_layers):
-            table += layer(f"model.layers.{i}", f"layers_{i}")
+    for t, f in layer_prefixes(cfg.scan_layers, cfg.num_hidden_layers, "model.layers.{i}", "layers"):
+        table += layer(t, f)
     table += norm_rules("model.norm", "norm")
     if not cfg.tie_word_embeddings:
         table += linear_rules("lm_head", "lm_head", bias=False)
     return table
-
-
-def expected_shapes(kind: str, cfg: qwen_model.QwenConfig) -> dict[str, tuple[int, ...]]:
-    return abstract_shapes(qwen_model.build(kind, cfg), jnp.zeros((1, 1), jnp.int32))
 
 
 def _normalise_layout(kind: str, state_dict) -> dict:
@@ -73,7 +57,7 @@ def _normalise_layout(kind: str, state_dict) -> dict:
     return sd
 
 
-def from_torch(kind: str, state_dict, cfg: qwen_model.QwenConfig):
+def prepare(kind: str, state_dict, cfg: qwen_model.QwenConfig):
     sd = _normalise_layout(kind, state_dict)
     what = f"{kind} checkpoint"
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:
@@ -85,8 +69,4 @@ def from_torch(kind: str, state_dict, cfg: qwen_model.QwenConfig):
                 f"{what}: key 'lm_head.weight' differs from 'model.embed_tokens.weight' but the config ties them "
                 "(tie_word_embeddings=True)"
             )
-    return from_torch_by_rules(rules(cfg), sd, expected_shapes(kind, cfg), what=what)
-
-
-def to_torch(kind: str, params, cfg: qwen_model.QwenConfig) -> dict[str, np.ndarray]:
-    return to_torch_by_rules(rules(cfg), params)
+    return sd

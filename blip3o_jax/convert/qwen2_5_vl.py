@@ -7,7 +7,7 @@ The two halves are the text table (`convert/qwen.py`, which ignores `visual.*`) 
 """
 from __future__ import annotations
 
-from blip3o_jax.convert import qwen as text_convert
+from blip3o_jax import convert
 from blip3o_jax.convert import qwen2_5_vl_vision as vision_convert
 from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models import qwen2_5_vl as qvl
@@ -24,22 +24,14 @@ def from_torch(kind: str, state_dict, cfg: qvl.Qwen2_5_VLConfig):
     visual = {k: state_dict[k] for k in vision_keys}
     text = {k: v for k, v in state_dict.items() if not k.startswith(vision_convert.PREFIXES)}
     return {
-        "visual": vision_convert.from_torch("qwen2_5_vl_vision", visual, cfg.vision),
-        "language_model": text_convert.from_torch("qwen2_5_vl_text", text, cfg.text),
+        "visual": convert.from_torch("qwen2_5_vl_vision", visual, cfg.vision),
+        "language_model": convert.from_torch("qwen2_5_vl_text", text, cfg.text),
     }
-
-
-def expected_shapes(kind: str, cfg: qvl.Qwen2_5_VLConfig) -> dict[str, tuple[int, ...]]:
-    """{param path: shape} of the full model (used to check restored converted checkpoints)."""
-    shapes = {f"visual/{k}": v for k, v in vision_convert.expected_shapes("qwen2_5_vl_vision", cfg.vision).items()}
-    shapes.update({f"language_model/{k}": v
-                   for k, v in text_convert.expected_shapes("qwen2_5_vl_text", cfg.text).items()})
-    return shapes
 
 
 def to_torch(kind: str, params, cfg: qvl.Qwen2_5_VLConfig) -> dict:
     if kind != "qwen2_5_vl":
         raise ValueError(f"convert.qwen2_5_vl: unknown kind {kind!r}")
-    out = text_convert.to_torch("qwen2_5_vl_text", params["language_model"], cfg.text)
-    out.update(vision_convert.to_torch("qwen2_5_vl_vision", params["visual"], cfg.vision))
+    out = convert.to_torch("qwen2_5_vl_text", params["language_model"], cfg.text)
+    out.update(convert.to_torch("qwen2_5_vl_vision", params["visual"], cfg.vision))
     return out

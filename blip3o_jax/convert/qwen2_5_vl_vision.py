@@ -8,38 +8,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from blip3o_jax.convert.common import (
-    ConversionError, Rule, abstract_shapes, from_torch_by_rules, linear_rules, norm_rules, to_torch_by_rules,
-)
+from blip3o_jax.convert.common import ConversionError, Rule, linear_rules, norm_rules
 from blip3o_jax.models import qwen2_5_vl_vision as qv
 
 PREFIXES = ("model.visual.", "visual.")
 SAVE_PREFIX = "visual."
 
 
-def rules(cfg: qv.Qwen2_5_VLVisionConfig, prefix: str = "") -> list[Rule]:
+def rules(cfg: qv.Qwen2_5_VLVisionConfig) -> list[Rule]:
+    """The table without prefix (the engine strips it on read and writes SAVE_PREFIX)."""
     kernel = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
     out = [
         # Conv3d(kernel = stride = patch) weight (E, C, T, P, P) == Linear on the flattened (C, T, P, P) patch
-        Rule(f"{prefix}patch_embed.proj.weight", "patch_embed/kernel",
+        Rule("patch_embed.proj.weight", "patch_embed/kernel",
              to_flax=lambda w: np.asarray(w).reshape(w.shape[0], -1).T,
              to_torch=lambda k: np.asarray(k).T.reshape(kernel)),
     ]
-    b = f"{prefix}blocks.{{i}}"
+    b = "blocks.{i}"
     out += norm_rules(f"{b}.norm1", "blocks/norm1")
     out += norm_rules(f"{b}.norm2", "blocks/norm2")
     out += linear_rules(f"{b}.attn.qkv", "blocks/attn/qkv")
     out += linear_rules(f"{b}.attn.proj", "blocks/attn/proj")
     for name in ("gate_proj", "up_proj", "down_proj"):
         out += linear_rules(f"{b}.mlp.{name}", f"blocks/mlp/{name}")
-    out += norm_rules(f"{prefix}merger.ln_q", "merger/ln_q")
-    out += linear_rules(f"{prefix}merger.mlp.0", "merger/mlp_0")
-    out += linear_rules(f"{prefix}merger.mlp.2", "merger/mlp_2")
+    out += norm_rules("merger.ln_q", "merger/ln_q")
+    out += linear_rules("merger.mlp.0", "merger/mlp_0")
+    out += linear_rules("merger.mlp.2", "merger/mlp_2")
     return out
 
 
-def expected_shapes(kind: str, cfg: qv.Qwen2_5_VLVisionConfig) -> dict[str, tuple[int, ...]]:
-    return abstract_shapes(qv.build("qwen2_5_vl_vision", cfg), *qv.init_args(cfg))
+def prepare(kind: str, state_dict, cfg: qv.Qwen2_5_VLVisionConfig) -> dict:
+    """The tower's keys (under one of PREFIXES, or none for a bare tower state dict); a mix of layouts is an error."""
+    return select_visual(state_dict)[1]
 
 
 def select_visual(state_dict) -> tuple[str, dict]:
@@ -53,16 +53,3 @@ def select_visual(state_dict) -> tuple[str, dict]:
                 )
             return prefix, {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     return "", dict(state_dict)
-
-
-def from_torch(kind: str, state_dict, cfg: qv.Qwen2_5_VLVisionConfig):
-    if kind != "qwen2_5_vl_vision":
-        raise ValueError(f"convert.qwen2_5_vl_vision: unknown kind {kind!r}")
-    prefix, visual = select_visual(state_dict)
-    return from_torch_by_rules(rules(cfg, prefix), visual, expected_shapes(kind, cfg), what="Qwen2.5-VL vision checkpoint")
-
-
-def to_torch(kind: str, params, cfg: qv.Qwen2_5_VLVisionConfig, prefix: str = SAVE_PREFIX) -> dict:
-    if kind != "qwen2_5_vl_vision":
-        raise ValueError(f"convert.qwen2_5_vl_vision: unknown kind {kind!r}")
-    return to_torch_by_rules(rules(cfg, prefix), params)

@@ -16,17 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from blip3o_jax.convert.common import (
-    ConversionError,
-    Rule,
-    abstract_shapes,
-    from_torch_by_rules,
-    linear_rules,
-    norm_rules,
-    strip_prefix,
-    to_torch_by_rules,
-)
-from blip3o_jax.models.siglip import SiglipVisionConfig, SiglipVisionTransformer
+from blip3o_jax.convert.common import ConversionError, Rule, layer_prefixes, linear_rules, norm_rules
+from blip3o_jax.models.siglip import SiglipVisionConfig
 
 PREFIXES = (
     "model.vision_tower.vision_model.",
@@ -36,10 +27,10 @@ PREFIXES = (
     "encoder.model.vision_model.",
     "vision_model.",
 )
-OUT_PREFIX = "vision_model."
+SAVE_PREFIX = "vision_model."
 
 
-def _rules(cfg: SiglipVisionConfig) -> list[Rule]:
+def rules(cfg: SiglipVisionConfig) -> list[Rule]:
     p, c = cfg.patch_size, cfg.num_channels
 
     def patch_to_flax(x):  # Conv2d (out, c, ph, pw) -> (ph*pw*c, out)
@@ -53,11 +44,7 @@ def _rules(cfg: SiglipVisionConfig) -> list[Rule]:
         Rule("embeddings.patch_embedding.bias", "embeddings/patch_embedding/bias"),
         Rule("embeddings.position_embedding.weight", "embeddings/position_embedding"),
     ]
-    if cfg.scan_layers:
-        layer_prefixes = [("encoder.layers.{i}", "encoder/layers")]
-    else:
-        layer_prefixes = [(f"encoder.layers.{i}", f"encoder/layers_{i}") for i in range(cfg.num_layers_run)]
-    for t, f in layer_prefixes:
+    for t, f in layer_prefixes(cfg.scan_layers, cfg.num_layers_run, "encoder.layers.{i}", "encoder/layers"):
         rules += norm_rules(f"{t}.layer_norm1", f"{f}/layer_norm1", bias=True)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             rules += linear_rules(f"{t}.self_attn.{proj}", f"{f}/self_attn/{proj}")
@@ -69,45 +56,19 @@ def _rules(cfg: SiglipVisionConfig) -> list[Rule]:
     return rules
 
 
-def _ignored(cfg: SiglipVisionConfig) -> list[str]:
+def ignored(cfg: SiglipVisionConfig) -> list[str]:
     ignore = [r"head\..*", r"embeddings\.position_ids"]
     if cfg.output_layer == "penultimate":
         ignore += [rf"encoder\.layers\.{cfg.num_hidden_layers - 1}\..*", r"post_layernorm\..*"]
     return ignore
 
 
-def _expected(cfg: SiglipVisionConfig):
-    import jax.numpy as jnp
-
-    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    return abstract_shapes(SiglipVisionTransformer(cfg), images)
-
-
-
-def expected_shapes(kind: str, cfg) -> dict:
-    """{param path: shape} of the module for `cfg` (load_pretrained checks converted checkpoints against it)."""
-    if kind != "siglip_vision":
-        raise ConversionError(f"siglip_vision converter: unexpected kind {kind!r}")
-    return _expected(cfg)
-
-
-def from_torch(kind: str, state_dict, cfg: SiglipVisionConfig):
-    if kind != "siglip_vision":
-        raise ConversionError(f"siglip converter: unexpected kind {kind!r}")
-    sd = strip_prefix(state_dict, PREFIXES)
-    if not sd:
-        raise ConversionError("siglip checkpoint: no SigLIP vision tensors found")
-    layers_in_ckpt = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
+def prepare(kind: str, sd: dict, cfg: SiglipVisionConfig) -> dict:
+    layers_in_ckpt = {int(k.split("encoder.layers.")[1].split(".")[0]) for k in sd if "encoder.layers." in k}
     # a "penultimate" export of ours (to_torch) lacks the unused last layer; a full checkpoint has all of them
     if layers_in_ckpt and max(layers_in_ckpt) + 1 not in (cfg.num_hidden_layers, cfg.num_layers_run):
         raise ConversionError(
             f"siglip checkpoint: has {max(layers_in_ckpt) + 1} encoder layers but the config says "
             f"num_hidden_layers={cfg.num_hidden_layers}"
         )
-    return from_torch_by_rules(_rules(cfg), sd, _expected(cfg), ignore=_ignored(cfg), what="siglip checkpoint")
-
-
-def to_torch(kind: str, params, cfg: SiglipVisionConfig) -> dict:
-    if kind != "siglip_vision":
-        raise ConversionError(f"siglip converter: unexpected kind {kind!r}")
-    return {OUT_PREFIX + k: v for k, v in to_torch_by_rules(_rules(cfg), params).items()}
+    return sd

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from blip3o_jax.models import dit as dit_lib
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 from blip3o_jax.models import qwen as qwen_lib
 
 BACKBONE_KINDS = ("qwen2", "qwen2_5_vl_text", "qwen3")
@@ -314,3 +314,12 @@ class Blip3o(nn.Module):
             n = (cfg.und_image_size // cfg.und_tower.patch_size) ** 2
             return jnp.zeros((batch, n, cfg.und_tower.patch_dim), jnp.float32)
         return jnp.zeros((batch, cfg.und_image_size, cfg.und_image_size, 3), jnp.uint8)
+
+
+registry.register(registry.Kind(
+    name="blip3o",
+    config_from_hf=lambda hf: config_from_hf("blip3o", hf),
+    build=lambda cfg: build("blip3o", cfg),
+    init_args=None,  # a composite: its converter checks each part against that part's kind
+    converter="blip3o",
+))

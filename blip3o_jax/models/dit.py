@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 
 ROPE_THETA = 10000.0  # get_1d_rotary_pos_embed default, linear_factor = ntk_factor = 1 (§1.5 step 2)
 TIME_FREQ_CHANNELS = 256  # LuminaCombinedTimestepCaptionEmbedding.frequency_embedding_size
@@ -485,3 +485,15 @@ __all__ = [
     "DiTConfig", "DiT", "DiTBlock", "config_from_hf", "build", "rope_table", "apply_rope", "timestep_sinusoid",
     "patchify", "unpatchify", "init_params", "count_params", "flops_per_sample",
 ]
+
+
+registry.register(registry.Kind(
+    name="dit",
+    config_from_hf=lambda hf: config_from_hf("dit", hf),
+    build=lambda cfg: build("dit", cfg),
+    init_args=lambda cfg: ((jnp.zeros((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32),
+                            jnp.zeros((1,), jnp.float32), jnp.zeros((1, 1, cfg.latent_embedding_size), jnp.float32)),
+                           {}, None),
+    converter="dit",
+    init_group="dit",
+))

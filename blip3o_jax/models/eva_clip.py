@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
 
 
@@ -263,3 +263,13 @@ def pool_grid(features, stride: int = 4, grid_size: int | None = None):
     x = features.reshape(b, grid_size, grid_size, c)[:, : out * stride, : out * stride]
     x = x.reshape(b, out, stride, out, stride, c).astype(xp.float32)
     return x.mean(axis=(2, 4)).astype(features.dtype)
+
+
+registry.register(registry.Kind(
+    name="eva_clip",
+    config_from_hf=lambda hf: config_from_hf("eva_clip", hf),
+    build=lambda cfg: build("eva_clip", cfg),
+    init_args=lambda cfg: ((jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),), {}, None),
+    converter="eva_clip",
+    init_group="gen_encoder",
+))

@@ -147,3 +147,36 @@ def remat_policy(name: str | None):
     if name not in table:
         raise ValueError(f"unknown remat policy {name!r}; expected none, full, dots, dots_no_batch or everything")
     return table[name]
+
+
+def repeat_blocks(block, length: int, *module_args, scan: bool, remat: bool = False, remat_policy: str | None = None,
+                  n_broadcast: int = 0, **module_kwargs):
+    """`length` copies of `block` for a module's `setup()`: one `nn.scan` module (params stacked on a leading
+    "layers" axis, one compiled body) when `scan`, else a list (params `<attr>_0`, `<attr>_1`, ...).
+
+    The block's `__call__(carry, *args)` returns `(carry, None)`; the `n_broadcast` extra args are shared by every
+    layer. `remat` wraps each block in `nn.remat` with the named policy (`remat_policy`). Run with `run_blocks`.
+    """
+    cls = block
+    if remat:
+        cls = nn.remat(cls, policy=globals()["remat_policy"](remat_policy), prevent_cse=not scan)
+    if scan:
+        return nn.scan(
+            cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * n_broadcast,
+            length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(*module_args, **module_kwargs)
+    return [cls(*module_args, **module_kwargs) for _ in range(length)]
+
+
+def run_blocks(stack, carry, *args):
+    """Runs a `repeat_blocks` stack (scanned module or list) over `carry`."""
+    if isinstance(stack, (list, tuple)):
+        for block in stack:
+            carry, _ = block(carry, *args)
+        return carry
+    carry, _ = stack(carry, *args)
+    return carry

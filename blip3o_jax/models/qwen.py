@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 
 KINDS = ("qwen2", "qwen2_5_vl_text", "qwen3")
 
@@ -438,3 +438,15 @@ def count_flops(cfg: QwenConfig, batch: int, new_tokens: int, context: int, logi
     head = 2 * D * cfg.vocab_size * (tokens if logits_tokens is None else logits_tokens)
     return cfg.num_hidden_layers * tokens * (per_token + attn) + head
 
+
+
+for _kind, _model_type in (("qwen2", "qwen2"), ("qwen2_5_vl_text", "qwen2_5_vl_text"), ("qwen3", "qwen3")):
+    registry.register(registry.Kind(
+        name=_kind,
+        config_from_hf=functools.partial(config_from_hf, _kind),
+        build=functools.partial(build, _kind),
+        init_args=lambda cfg: ((jnp.zeros((1, 1), jnp.int32),), {}, None),
+        converter="qwen",
+        model_types=(_model_type,),
+        init_group="backbone",
+    ))

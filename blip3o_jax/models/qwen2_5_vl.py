@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.models import qwen
+from blip3o_jax.models import qwen, registry
 from blip3o_jax.models import qwen2_5_vl_vision as qv
 
 
@@ -296,3 +296,13 @@ def generate(module: Qwen2_5_VLForConditionalGeneration, params, input_ids, atte
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, rng=rng,
         inputs_embeds=embeds, positions=inputs["positions"], position_offsets=last[0] + 1,
     )
+
+
+registry.register(registry.Kind(
+    name="qwen2_5_vl",
+    config_from_hf=lambda hf: config_from_hf("qwen2_5_vl", hf),
+    build=lambda cfg: build("qwen2_5_vl", cfg),
+    init_args=lambda cfg: (init_args(cfg), {}, None),
+    converter="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,3 +441,14 @@ def jitted_apply(module: nn.Module):
     if module not in _JITTED:
         _JITTED[module] = jax.jit(lambda p, x, lay: module.apply({"params": p}, x, lay))
     return _JITTED[module]
+
+
+registry.register(registry.Kind(
+    name="qwen2_5_vl_vision",
+    config_from_hf=lambda hf: config_from_hf("qwen2_5_vl_vision", hf),
+    build=lambda cfg: build("qwen2_5_vl_vision", cfg),
+    init_args=lambda cfg: (init_args(cfg), {}, None),
+    converter="qwen2_5_vl_vision",
+    model_types=("qwen2_5_vl_vision",),
+    init_group="visual",
+))

@@ -19,7 +19,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from blip3o_jax.models import layers
+from blip3o_jax.models import layers, registry
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
 
 OUTPUT_LAYERS = ("last", "penultimate")
@@ -228,3 +228,15 @@ class SiglipVisionTransformer(nn.Module):
             x = LayerNorm(eps=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
                           name="post_layernorm")(x)
         return x
+
+
+registry.register(registry.Kind(
+    name="siglip_vision",
+    config_from_hf=lambda hf: config_from_hf("siglip_vision", hf),
+    build=lambda cfg: build("siglip_vision", cfg),
+    init_args=lambda cfg: ((jax.numpy.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)),), {}, None),
+    converter="siglip",
+    # a full SiglipModel checkpoint (e.g. google/siglip2-so400m-patch16-512): its vision half
+    model_types=("siglip_vision_model", "siglip"),
+    init_group="visual",
+))
