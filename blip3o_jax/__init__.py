@@ -9,11 +9,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load_pretrained(path: str, *, allow_pickle: bool = False, dtype=None):
-    """(module, params) from a HF-format directory (config.json + safetensors) or our converted Orbax output.
+def load_pretrained(path: str, *, allow_pickle: bool = False, dtype=None, kind: str | None = None):
+    """(module, params) from a transformers/diffusers directory (config.json + safetensors) or our converted
+    Orbax output.
 
-    The model kind is read from config.json (`model_type`); our converted output carries the same config.json.
+    The model kind is read from config.json (`model_type`, or diffusers' `_class_name`) or from our converted
+    output's blip3o_jax.json; `kind` overrides both (e.g. a DiT, whose config.json names no kind).
     """
     from blip3o_jax.pretrained import load_pretrained as _load
 
-    return _load(path, allow_pickle=allow_pickle, dtype=dtype)
+    return _load(path, allow_pickle=allow_pickle, dtype=dtype, kind=kind)

@@ -19,6 +19,54 @@ def define_config_flag(default: str | None = None):
                                            lock_config=True)
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0]) if len(e.args) == 1 else str(e)
+    text = text.replace("\\n", " ").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr()-ed message (KeyError)
+        text = text[1:-1]
+    return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with a bad flag or `--config.x=y` override reported as one `error:` line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections rejecting an override
+        print(f"error: {_unknown_override(argv) or 'bad --config override: ' + _one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """'--config.mesh.dat=2: config.mesh has no key 'dat' (valid: data, fsdp, tensor)' for the first bad key."""
+    path = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    try:
+        config = load_config(path) if path else None
+    except Exception:  # noqa: BLE001  (the config itself is broken: the caller reports the original error)
+        return None
+    if config is None:
+        return None
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, where = config, "config"
+        for key in path:
+            if not hasattr(node, "keys"):
+                break
+            if key not in node:
+                return f"{arg}: {where} has no key {key!r} (valid: {', '.join(sorted(node.keys()))})"
+            node, where = node[key], f"{where}.{key}"
+    return None
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run` that turns known user errors into one line on stderr and exit status 2."""
     from blip3o_jax.convert.common import ConversionError
@@ -30,7 +78,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=_parse_flags)
 
 
 def load_config(path: str, overrides: dict | None = None):

@@ -49,6 +49,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 def parse_mesh_shape(axis_sizes: dict[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolves sizes for (data, fsdp, tensor); one size may be -1 and takes what is left."""
     if isinstance(axis_sizes, dict) or hasattr(axis_sizes, "get"):
+        unknown = sorted(set(axis_sizes) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"unknown mesh axis {unknown[0]!r}; the valid axes are {', '.join(MESH_AXES)}")
         sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
     else:
         sizes = [int(s) for s in axis_sizes]

@@ -57,6 +57,14 @@ def check_config(config) -> None:
         raise UserError(f"config.data.gen_image_size={d.gen_image_size} but config.model.image_size={m.image_size}")
     if not d.datasets:
         raise UserError("config.data.datasets is empty: pass --config.data.datasets=... or use a config that sets it")
+    und_kind = m.get("und_tower_kind")
+    i2t = [ds.get("name", i) for i, ds in enumerate(d.datasets) if ds.get("task") == "i2t"]
+    if i2t and und_kind not in (None, "qwen2_5_vl_vision"):
+        # the pipeline builds understanding inputs as Qwen2.5-VL patches + 3-D positions (data/transforms.py); a
+        # SigLIP tower would silently get none of its images
+        raise UserError(f"config.data.datasets {i2t} are image-to-text rows, but the data pipeline delivers "
+                        f"understanding images only for a Qwen2.5-VL tower (config.model.und_tower_kind is "
+                        f"{und_kind!r}); train those rows with und_tower_kind='qwen2_5_vl_vision' or drop them")
     if int(d.global_batch_size) % jax.device_count() and jax.device_count() % int(d.global_batch_size):
         raise UserError(f"config.data.global_batch_size={d.global_batch_size} does not divide over "
                         f"{jax.device_count()} devices")
@@ -208,7 +216,10 @@ def train(config, workdir: str) -> dict:
         raise UserError(str(e)) from None
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     os.makedirs(workdir, exist_ok=True)
-    mesh = shd.make_mesh(dict(config.mesh))
+    try:
+        mesh = shd.make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise UserError(f"config.mesh: {e}") from None
     setup = step_lib.make_train_step(config, mesh)
     total_steps = int(config.train.total_steps)
 
@@ -340,6 +351,8 @@ def _main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; use --config, --workdir and --config.x=y")
     flags_ = flags.FLAGS
+    if flags_.config is None:
+        raise UserError("--config is required, e.g. --config configs/tiny.py (see docs/training.md)")
     if not flags_.workdir:
         raise UserError("--workdir is required")
     logging.getLogger("absl").setLevel(logging.WARNING)

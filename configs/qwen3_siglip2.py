@@ -9,9 +9,9 @@ qwen3_1_7b, qwen3_4b, qwen3_8b, ... from configs/qwen_presets.py).
     python -m blip3o_jax.train --config configs/qwen3_siglip2.py:joint --workdir gs://BUCKET/qwen3_siglip2 \
         --config.init_from=backbone=/ckpt/qwen3_1_7b,gen_encoder=/ckpt/eva_clip_e14_plus,visual=/ckpt/siglip2_512
 
-Data: the same shards read twice, as text-to-image and as text (caption -> question/answer) rows. Image-to-text
-rows with SigLIP inputs need the data pipeline to deliver uint8 `und_image` crops (it currently delivers
-Qwen2.5-VL patches for image-to-text rows); until then the joint run trains the LM on text rows only.
+Data: text-to-image shards and text (question/answer) rows. The language model's text loss therefore comes from
+text rows only: the data pipeline builds understanding images for a Qwen2.5-VL tower alone, and the trainer
+refuses (one-line error) image-to-text datasets with this SigLIP tower rather than train them without their images.
 """
 import importlib.util
 import os
