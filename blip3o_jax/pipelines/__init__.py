@@ -1,0 +1,1 @@
+"""Sampling chains built from the model kinds and samplers: feature -> pixel decoders."""
