@@ -16,7 +16,7 @@ import pkgutil
 from typing import Any, Callable
 
 # files in blip3o_jax/models that hold shared pieces, not kinds (imported on demand by the model files)
-_NOT_MODEL_FILES = {"registry", "layers"}
+_NOT_MODEL_FILES = {"registry", "layers", "conv_blocks"}
 
 
 @dataclasses.dataclass(frozen=True)
