@@ -10,6 +10,13 @@ Two on-disk formats are read by `load_pretrained`:
 `convert_checkpoint` streams the tensors one by one (progress bar over tensors), converts them strictly (unknown,
 missing or mis-shaped keys are errors naming the key), and writes into a temporary directory beside the
 destination that is renamed into place only once complete, so a failure never leaves a half-written destination.
+
+What is refused, always with one ConversionError naming the file and key (both when converting and when loading a
+HF directory): NaN or Inf in a weight (unless `allow_nonfinite`, then a warning), an integer or bool tensor where
+the model has a floating-point parameter (refused, not cast: such a tensor is a quantized or damaged weight, whose
+cast value would be wrong without a word), a config.json or blip3o_jax.json that is not a JSON object, a missing
+config.json (reported as missing), and a destination that overlaps the source or, even with `force`, is something
+other than an earlier converted output.
 """
 from __future__ import annotations
 
@@ -18,13 +25,15 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 
 from blip3o_jax import convert, models
 from blip3o_jax.models import registry
-from blip3o_jax.convert.common import ConversionError, iter_safetensors, load_state_dict, read_safetensors_header
+from blip3o_jax.convert.common import (ConversionError, iter_safetensors, load_state_dict, read_safetensors_header,
+                                       read_weight_map)
 
 META_FILE = "blip3o_jax.json"
 PARAMS_DIR = "params"
@@ -38,11 +47,19 @@ def is_converted(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from `path`; anything else (invalid JSON, a list, unreadable) is one ConversionError."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object (a JSON {type(data).__name__})")
+    return data
 
 
 def _config_dir(path: str) -> str:
@@ -60,9 +77,7 @@ def resolve(path: str, kind: str | None = None) -> tuple[str, dict]:
     kind = kind or meta.get("kind")
     if kind is None:
         if hf is None:
-            raise ConversionError(f"{cdir}: no config.json, so the model kind is unknown; pass --kind")
-        if not isinstance(hf, dict):
-            raise ConversionError(f"{config_path}: not a JSON object")
+            raise ConversionError(f"{config_path}: missing, so the model kind is unknown; pass --kind")
         kind = registry.kind_of_config(hf)
         if kind is None:
             field = "model_type" if "model_type" in hf or "_class_name" not in hf else "_class_name"
@@ -76,6 +91,8 @@ def resolve(path: str, kind: str | None = None) -> tuple[str, dict]:
 
 
 def _config(kind: str, hf: dict, where: str, dtype: str | None = None, param_dtype: str | None = None):
+    if not os.path.isfile(where):  # the model's sizes come from it: defaults would only fail later, misleadingly
+        raise ConversionError(f"{where}: missing; the model's configuration is read from it")
     try:
         cfg = models.config_from_hf(kind, hf)
     except ModuleNotFoundError as e:
@@ -101,11 +118,8 @@ def _tensor_plan(path: str) -> list[tuple[str, list[str]]] | None:
         return None
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: no 'weight_map'")
         files: dict[str, list[str]] = {}
-        for key, fname in weight_map.items():
+        for key, fname in read_weight_map(index).items():
             files.setdefault(fname, []).append(key)
         plan = []
         for fname, keys in sorted(files.items()):
@@ -127,20 +141,70 @@ def _tensor_plan(path: str) -> list[tuple[str, list[str]]] | None:
     return None
 
 
-def iter_state_dict(path: str, *, allow_pickle: bool = False, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams (checkpoint key, array) tensor by tensor, with an optional tqdm bar over tensors."""
+def _is_float(dtype) -> bool:
+    import jax.numpy as jnp
+
+    return jnp.issubdtype(dtype, jnp.floating)  # numpy's own issubdtype says no for bfloat16 and float8
+
+
+def _count_nonfinite(arr: np.ndarray) -> int:
+    if not _is_float(arr.dtype) or arr.size == 0:
+        return 0
+    # a float64 sum is finite exactly when every element is (no overflow from <= 32-bit floats), without the
+    # full-size temporary of np.isfinite; count only when something is wrong (or the sum of float64 overflowed)
+    if np.isfinite(arr.sum(dtype=np.float64)):
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
+def iter_state_dict(path: str, *, allow_pickle: bool = False, progress: bool = False,
+                    allow_nonfinite: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Streams (checkpoint key, array) tensor by tensor, with an optional tqdm bar over tensors.
+
+    A tensor holding NaN or Inf is a ConversionError naming the file and key, or with `allow_nonfinite` a warning.
+    """
     plan = _tensor_plan(path)
     if plan is None:  # pickled weights: torch.load reads a file whole
-        items: Any = load_state_dict(path, allow_pickle=allow_pickle).items()
-        total = len(items)
+        pickled = load_state_dict(path, allow_pickle=allow_pickle)
+        items: Any = ((path, k, v) for k, v in pickled.items())
+        total = len(pickled)
     else:
         total = sum(len(keys) for _, keys in plan)
-        items = (kv for fpath, keys in plan for kv in iter_safetensors(fpath, keys))
+        items = ((fpath, k, v) for fpath, keys in plan for k, v in iter_safetensors(fpath, keys))
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, total=total, unit="tensor", desc=f"reading {os.path.basename(os.path.normpath(path))}")
-    yield from items
+    for fpath, key, value in items:
+        bad = _count_nonfinite(value)
+        if bad:
+            message = f"{fpath}: tensor {key!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''}"
+            if not allow_nonfinite:
+                raise ConversionError(f"{message}; pass --allow_nonfinite to convert it anyway")
+            warnings.warn(f"{message} (kept: --allow_nonfinite)", stacklevel=2)
+        yield key, value
+
+
+def _from_torch(kind: str, state_dict: dict, cfg, where: str):
+    """`convert.from_torch`, refusing an integer or bool tensor where the model has a floating-point parameter.
+
+    Integer tensors that the converter drops (position-id buffers, `num_batches_tracked`) are fine, so the check
+    converts without them first: only if a non-float key then turns out to be needed is it refused, by name.
+    """
+    non_float = sorted(k for k, v in state_dict.items() if not _is_float(np.asarray(v).dtype))
+    if not non_float:
+        return convert.from_torch(kind, state_dict, cfg)
+    try:
+        return convert.from_torch(kind, {k: v for k, v in state_dict.items() if k not in set(non_float)}, cfg)
+    except ConversionError as e:
+        needed = [k for k in non_float if repr(k) in str(e)]
+    if not needed:
+        convert.from_torch(kind, state_dict, cfg)  # raises the checkpoint's real problem, if it has another one
+        needed = non_float
+    key = needed[0]
+    raise ConversionError(
+        f"{where}: tensor {key!r} is stored as {np.asarray(state_dict[key]).dtype} but the model's parameter is "
+        "floating point; integer/bool weights (a quantized or damaged checkpoint) are refused, not cast")
 
 
 def _cast(params, param_dtype):
@@ -159,13 +223,17 @@ def _cast(params, param_dtype):
 
 
 def _check_shapes(kind: str, cfg, params, where: str) -> None:
-    """Our converted output against the model's expected shapes (when the converter can say them)."""
+    """Our converted output against the model's expected shapes (when the converter can say them) and dtypes."""
     import flax
 
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+    for key, value in sorted(flat.items()):
+        if not _is_float(value.dtype):
+            raise ConversionError(f"{where}: param {key!r} is stored as {value.dtype}, not a floating-point type")
     want = convert.expected_shapes(kind, cfg)
     if want is None:
         return
-    have = {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flat.items()}
     for key in sorted(set(want) | set(have)):
         if key not in have:
             raise ConversionError(f"{where}: missing param {key!r}")
@@ -179,15 +247,23 @@ def restore_params(path: str, target=None):
     """Restores the Orbax params of a converted directory; `target` (ShapeDtypeStructs with shardings) places them."""
     import orbax.checkpoint as ocp
 
+    if not is_converted(path):
+        hint = (" (it is a PyTorch/HF checkpoint)" if os.path.isfile(os.path.join(path, "config.json")) else "")
+        raise ConversionError(
+            f"{path}: not a converted checkpoint, no {PARAMS_DIR}/ and {META_FILE}{hint}; run "
+            f"convert_torch_weights.py --src {path} --dst OUT first and use OUT")
+
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
 
 
-def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None = None, kind: str | None = None):
+def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None = None, kind: str | None = None,
+                    allow_nonfinite: bool = False):
     """(module, params) from a HF directory or our converted output.
 
     dtype (e.g. "bfloat16") sets the compute and parameter dtype; by default the config's own policy (fp32 compute,
-    fp32 params for HF checkpoints, the stored dtype for converted output).
+    fp32 params for HF checkpoints, the stored dtype for converted output). NaN/Inf weights of a HF directory are
+    refused unless `allow_nonfinite`.
     """
     import jax.numpy as jnp
     import jax
@@ -204,27 +280,68 @@ def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None 
         _check_shapes(kind, cfg, params, f"{path}/{PARAMS_DIR}")
     else:
         cfg = _config(kind, hf, os.path.join(_config_dir(path), "config.json"), dtype=dtype)
-        params = convert.from_torch(kind, dict(iter_state_dict(path, allow_pickle=allow_pickle)), cfg)
+        state_dict = dict(iter_state_dict(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
+        params = _from_torch(kind, state_dict, cfg, path)
     if getattr(cfg, "param_dtype", None) is not None:
         params = _cast(params, cfg.param_dtype)
     return models.build(kind, cfg), jax.tree.map(jnp.asarray, params)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (changing it races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(src: str, dst: str, force: bool) -> None:
+    """Refuses, before anything is read or deleted, a destination that overlaps the source (equal to it, a parent
+    of it, or inside it: replacing it would delete the source weights or write into them) and, with or without
+    --force, an existing destination that is not an earlier converted output (e.g. a home or data directory)."""
+    src_dir = os.path.realpath(_config_dir(src))
+    real_dst = os.path.realpath(dst)
+    for place in {src_dir, os.path.realpath(src)}:
+        if real_dst == place:
+            raise ConversionError(f"--dst {dst} is the source {src}; choose a new directory")
+        if os.path.commonpath([real_dst, place]) == real_dst:
+            raise ConversionError(f"--dst {dst} contains the source {src}; replacing it would delete the source")
+        if os.path.commonpath([real_dst, place]) == place:
+            raise ConversionError(f"--dst {dst} is inside the source directory {src_dir}; choose a directory "
+                                  "outside it")
+    if not os.path.lexists(dst):
+        return
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
+    replaceable = not os.path.islink(dst) and os.path.isdir(dst) and (is_converted(dst) or not os.listdir(dst))
+    if not replaceable:
+        raise ConversionError(f"{dst} exists and is not an output of convert_torch_weights.py (no {META_FILE}); "
+                              "refusing to replace it even with --force: remove it yourself or choose another --dst")
+
+
 def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: str | None = None, force: bool = False,
-                       allow_pickle: bool = False, progress: bool = True) -> str:
-    """Converts a HF checkpoint into our format at `dst` atomically; returns the kind."""
+                       allow_pickle: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> str:
+    """Converts a HF checkpoint into our format at `dst` atomically; returns the kind.
+
+    The new directories get the permissions the umask allows (as `mkdir` would), not the 0700 of a temporary
+    directory. NaN/Inf weights are refused unless `allow_nonfinite` (then kept, with a warning).
+    """
     import orbax.checkpoint as ocp
 
     src, dst = os.path.abspath(src), os.path.abspath(os.path.normpath(dst))
     kind, hf = resolve(src, kind)
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
-    if dst == src or dst == _config_dir(src):
-        raise ConversionError(f"{dst}: the destination is the source directory")
+    _check_destination(src, dst, force)
     cdir = _config_dir(src)
     cfg = _config(kind, hf, os.path.join(cdir, "config.json"))
-    state_dict = dict(iter_state_dict(src, allow_pickle=allow_pickle, progress=progress))
-    params = convert.from_torch(kind, state_dict, cfg)
+    state_dict = dict(iter_state_dict(src, allow_pickle=allow_pickle, progress=progress,
+                                      allow_nonfinite=allow_nonfinite))
+    params = _from_torch(kind, state_dict, cfg, src)
     del state_dict
     stored = dtype or getattr(cfg, "param_dtype", None)
     if dtype is not None:
@@ -234,6 +351,7 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700 whatever the umask; it becomes dst
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
         for name in sorted(os.listdir(cdir)):
@@ -242,12 +360,12 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
                 shutil.copy2(fpath, os.path.join(tmp, name))
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump({"kind": kind, "dtype": stored, "source": src, "format": "orbax-standard-params"}, f, indent=2)
-        if os.path.lexists(dst):  # --force: swap in, then drop the old copy
+        if os.path.lexists(dst):  # --force over an earlier output (checked above): swap in, then drop the old copy
             backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
             os.rmdir(backup)
             os.replace(dst, backup)
             os.replace(tmp, dst)
-            shutil.rmtree(backup) if os.path.isdir(backup) else os.remove(backup)
+            shutil.rmtree(backup)
         else:
             os.replace(tmp, dst)
     finally:

@@ -232,9 +232,10 @@ def _cast_floats(params, dtype_name):
     if dtype_name is None:
         return params
     dtype = layers.to_dtype(dtype_name)
+    # jnp.issubdtype: NumPy's own issubdtype does not count ml_dtypes' bfloat16 as floating
     return jax.tree.map(
-        lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
-        params)
+        lambda x: np.asarray(x).astype(dtype) if jax.numpy.issubdtype(np.asarray(x).dtype, jax.numpy.floating)
+        else np.asarray(x), params)
 
 
 def engine_from_torch(kind: str, state_dict, cfg):
@@ -263,33 +264,82 @@ def engine_to_torch(kind: str, params, cfg) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# safetensors, read and written by hand: streaming, bf16 through ml_dtypes, clear errors on truncated files.
+# safetensors, read and written by hand: streaming, bf16 through ml_dtypes, and every header field checked before a
+# byte of tensor data is touched, so a damaged or hostile file is one ConversionError naming the file and the key.
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # the safetensors reference implementation refuses headers above 100 MB too
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path: str, key: str, info) -> tuple[int, int]:
+    """(begin, end) of one header entry after checking its structure; sizes are checked by the caller."""
+    where = f"{path}: corrupt safetensors header: tensor {key!r}"
+    if not isinstance(info, dict):
+        raise ConversionError(f"{where} is described by a JSON {type(info).__name__}, not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise ConversionError(f"{where} has no {field!r}")
+    if not isinstance(info["dtype"], str):
+        raise ConversionError(f"{where} has dtype {info['dtype']!r}, not a string")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ConversionError(f"{where} has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ConversionError(f"{where} has data_offsets {offsets!r}, not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ConversionError(f"{where} has data_offsets {offsets!r}: negative or reversed")
+    return begin, end
 
 
 def read_safetensors_header(path: str) -> tuple[dict, int]:
-    size = os.path.getsize(path)
+    """({key: {"dtype", "shape", "data_offsets"}}, offset of the data section), every entry validated: a header
+    that is not a JSON object, an entry without dtype/shape/offsets, offsets that are negative, reversed, run past
+    the end of the file, disagree with the shape and dtype, or overlap another tensor's bytes are ConversionErrors."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ConversionError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100 * 2**20:
+        if n > size - 8 or n > _MAX_HEADER:
             raise ConversionError(f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConversionError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    spans = sorted((*_check_entry(path, key, info), key) for key, info in header.items())
+    end = max((e for _, e, _ in spans), default=0)
     if data_start + end > size:
         raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, header needs {data_start + end})")
+    for begin, stop, key in spans:
+        info = header[key]
+        if info["dtype"] in _ST_DTYPES:  # an unknown dtype is reported when (and if) the tensor is read
+            want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+            if stop - begin != want:
+                raise ConversionError(
+                    f"{path}: corrupt safetensors header: tensor {key!r} ({info['dtype']} {info['shape']}) needs "
+                    f"{want} bytes but its data_offsets span {stop - begin}")
+    for (_, prev_end, prev_key), (begin, stop, key) in zip(spans, spans[1:]):
+        if begin < prev_end and stop > begin:
+            raise ConversionError(f"{path}: corrupt safetensors header: tensors {prev_key!r} and {key!r} overlap")
     return header, data_start
 
 
@@ -328,6 +378,43 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Ma
             f.write(arr.tobytes())
 
 
+def read_weight_map(index: str) -> dict[str, str]:
+    """{key: shard file name} of a `*.index.json` (sharded safetensors or pickles), checked: a JSON object with a
+    `weight_map` object whose values are plain file names in the index's own directory."""
+    try:
+        with open(index, "rb") as f:
+            data = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{index}: not valid JSON ({e.__class__.__name__})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: no 'weight_map' object")
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or os.path.basename(fname) != fname or fname in (".", ".."):
+            raise ConversionError(f"{index}: key {key!r} maps to {fname!r}, not a file name in this directory")
+    return weight_map
+
+
+# HF Trainer checkpoint folders keep these pickles next to the weights; they are never model weights.
+_TRAINER_STATE = re.compile(r"(optimizer|scheduler|scaler|rng_state.*|training_args|trainer_state)\.(bin|pt|pth)")
+
+
+def _pickled_weight_files(path: str) -> list[str]:
+    """The pickles of a directory that hold the model's weights: an index's shards, else `pytorch_model.bin`, else
+    every pickle but the trainer-state files (which are read, and refused by name, only when nothing else is there)."""
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        files = sorted(set(read_weight_map(index).values()))
+        for fname in files:
+            if not os.path.exists(os.path.join(path, fname)):
+                raise ConversionError(f"{index}: shard {fname} is missing")
+        return files
+    pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+    if "pytorch_model.bin" in pickles:
+        return ["pytorch_model.bin"]
+    return [f for f in pickles if not _TRAINER_STATE.fullmatch(f)] or pickles
+
+
 def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a HF checkpoint (file or directory): safetensors single/sharded first; pickles only if allowed."""
     if not os.path.exists(path):
@@ -336,10 +423,8 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
             files: dict[str, list[str]] = {}
-            for key, fname in weight_map.items():
+            for key, fname in read_weight_map(index).items():
                 files.setdefault(fname, []).append(key)
             out = {}
             for fname, keys in sorted(files.items()):
@@ -360,7 +445,7 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
             for f in st:
                 out.update(iter_safetensors(os.path.join(path, f)))
             return out
-        pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+        pickles = _pickled_weight_files(path)
         if pickles:
             out = {}
             for f in pickles:
@@ -381,16 +466,39 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"{path}: cannot read PyTorch file ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConversionError(f"{path}: cannot read PyTorch file ({e.__class__.__name__}: {first})") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
-        return {k: _torch_to_numpy(v) for k, v in sd.items()}
+        return _flat_tensor_dict(path, sd)
     raise ConversionError(f"{path}: unknown weights format (expected .safetensors, or .bin/.pt with --allow-pickle)")
+
+
+def _flat_tensor_dict(path: str, sd) -> dict[str, np.ndarray]:
+    """{name: array} of an unpickled object that must be a flat {str: tensor} state dict (not an optimizer state,
+    a trainer's arguments, a list or a nested dict)."""
+    import torch
+
+    hint = "; is it an optimizer or trainer state file rather than model weights?"
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors{hint}")
+    out = {}
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path}: not a flat state dict of tensors (entry {key!r} is a "
+                                  f"{type(value).__name__}){hint}")
+        try:
+            out[key] = _torch_to_numpy(value)
+        except (TypeError, RuntimeError) as e:
+            raise ConversionError(f"{path}: tensor {key!r} ({value.dtype}, {value.layout}) cannot be read "
+                                  f"({e.__class__.__name__})") from None
+    return out
 
 
 def _torch_to_numpy(t) -> np.ndarray:
     import torch
 
+    t = t.detach()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()

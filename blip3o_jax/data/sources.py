@@ -40,6 +40,11 @@ class BadSampleError(ValueError):
         super().__init__(f"{reason}: {detail} (source {source!r}, shard {shard!r}, key {key!r})")
 
 
+class DatasetError(ValueError):
+    """A data set that cannot be opened at all (a shard that is not a tar file, a JSON file that does not parse, an
+    unreadable file, a bad dataset entry): one line naming the data set, the file and, for JSON, the line."""
+
+
 class NoValidSampleError(RuntimeError):
     """A source in which no valid sample can be found (raised instead of retrying forever)."""
 
@@ -131,7 +136,10 @@ class TarShardSource:
         self.image_exts, self.text_exts, self.meta_exts = tuple(image_exts), tuple(text_exts), tuple(meta_exts)
         # Index every shard (headers only; cached), in threads since it is I/O bound.
         with concurrent.futures.ThreadPoolExecutor(max(1, min(num_index_threads, len(self.shards)))) as pool:
-            indices = list(pool.map(lambda s: tar_index.get_index(s, index_cache_dir), self.shards))
+            try:
+                indices = list(pool.map(lambda s: tar_index.get_index(s, index_cache_dir), self.shards))
+            except tar_index.TarIndexError as e:  # names the shard: "/data/x.tar: not a tar file (...)"
+                raise DatasetError(f"dataset {name!r}: {e}") from None
         counts = np.array([len(ix) for ix in indices], np.int64)
         for shard, n in zip(self.shards, counts):
             if n == 0:
@@ -205,21 +213,30 @@ class JsonSource:
         self._lines: dict[int, np.ndarray] = {}  # .jsonl files: (n, 3) int64 [offset, length, line no]
         counts = []
         for f_id, path in enumerate(self.files):
-            if path.endswith(".jsonl"):
-                self._lines[f_id] = _line_spans(path)
-                counts.append(len(self._lines[f_id]))
-            else:
+            try:
+                if path.endswith(".jsonl"):
+                    self._lines[f_id] = _line_spans(path)
+                    counts.append(len(self._lines[f_id]))
+                    continue
                 with open(path, "rb") as f:
-                    try:
-                        records = json.loads(f.read())
-                    except (ValueError, UnicodeDecodeError) as e:
-                        raise ValueError(f"dataset {name!r}: {path} is not valid JSON ({e})") from None
-                if isinstance(records, dict):
-                    records = records.get("data", [records])
-                if not isinstance(records, list):
-                    raise ValueError(f"dataset {name!r}: {path} must hold a list of records")
-                self._records[f_id] = records
-                counts.append(len(records))
+                    raw = f.read()
+            except OSError as e:
+                raise DatasetError(f"dataset {name!r}: {path}: cannot read ({e.strerror})") from None
+            try:
+                records = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise DatasetError(f"dataset {name!r}: {path}: not UTF-8 text (line {line})") from None
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"dataset {name!r}: {path}: not valid JSON ({e.msg} at line {e.lineno}, "
+                                   f"column {e.colno})") from None
+            if isinstance(records, dict):
+                records = records.get("data", [records])
+            if not isinstance(records, list):
+                raise DatasetError(f"dataset {name!r}: {path}: must hold a list of records (or {{\"data\": [...]}}), "
+                                   f"not a JSON {type(records).__name__}")
+            self._records[f_id] = records
+            counts.append(len(records))
         self._cum = np.concatenate([[0], np.cumsum(np.array(counts, np.int64))])
         self._files = FileHandles()
 
@@ -312,7 +329,12 @@ def _line_spans(path: str, chunk: int = 1 << 24) -> np.ndarray:
 
 def make_source(spec: dict[str, Any], index_cache_dir: str | None = None):
     """A source from a dataset spec: {"name", "paths", "kind": "tar"|"json" (default from the extension), ...}."""
-    paths = spec["paths"]
+    if not hasattr(spec, "get"):
+        raise DatasetError(f"dataset entry {spec!r}: expected a dict like {{'name': ..., 'paths': 'dir/*.tar'}}")
+    paths = spec.get("paths")
+    if not paths or not isinstance(paths, (str, list, tuple)):
+        raise DatasetError(f"dataset {spec.get('name', '?')!r}: 'paths' must be a glob or a list of globs, "
+                           f"got {paths!r}")
     first = paths if isinstance(paths, str) else paths[0]
     kind = spec.get("kind") or ("json" if str(first).endswith((".json", ".jsonl")) else "tar")
     name = spec.get("name", os.path.basename(str(first)))
@@ -320,4 +342,4 @@ def make_source(spec: dict[str, Any], index_cache_dir: str | None = None):
         return TarShardSource(paths, name=name, index_cache_dir=spec.get("index_cache_dir", index_cache_dir))
     if kind == "json":
         return JsonSource(paths, name=name, image_root=spec.get("image_root"))
-    raise ValueError(f"dataset {name!r}: unknown kind {kind!r} (expected 'tar' or 'json')")
+    raise DatasetError(f"dataset {name!r}: unknown kind {kind!r} (expected 'tar' or 'json')")

@@ -150,7 +150,12 @@ def generate(out: str, num_samples: int, *, samples_per_shard: int = 1000, image
              min_size: int = 400, max_size: int = 900, seed: int = 0, max_objects: int = 2,
              size_words: bool = True, formats: Sequence[str] = ("tar", "jsonl"), prefix: str = "shapes") -> dict:
     """Writes `out/<prefix>-NNNNNN.tar` shards and/or `out/jsonl/{t2i,i2t,text}.jsonl` + `out/jsonl/images/`.
-    Returns {"shards": [...], "jsonl": {...}}."""
+    Returns {"shards": [...], "jsonl": {...}}. A count or size that cannot make a data set is a ValueError."""
+    check_options(num_samples=num_samples, samples_per_shard=samples_per_shard, image_size=image_size or 0,
+                  min_size=min_size, max_size=max_size, max_objects=max_objects)
+    unknown = sorted(set(formats) - {"tar", "jsonl"})
+    if unknown or not formats:
+        raise ValueError(f"formats must be 'tar' and/or 'jsonl', got {list(formats)}")
     os.makedirs(out, exist_ok=True)
     opts = dict(image_size=image_size, min_size=min_size, max_size=max_size, max_objects=max_objects,
                 size_words=size_words)
@@ -191,6 +196,22 @@ def generate(out: str, num_samples: int, *, samples_per_shard: int = 1000, image
     return result
 
 
+def check_options(*, num_samples: int, samples_per_shard: int, image_size: int, min_size: int, max_size: int,
+                  max_objects: int) -> None:
+    """ValueError, as one sentence naming the option, for values that cannot make a data set (checked before
+    anything is written)."""
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if image_size < 0:
+        raise ValueError(f"--image-size must be 0 (random sizes) or a positive side in px, got {image_size}")
+    if image_size == 0 and not 1 <= min_size <= max_size:
+        raise ValueError(f"--min-size/--max-size must satisfy 1 <= min <= max, got {min_size} and {max_size}")
+    if not 1 <= max_objects <= 9:  # make_scene spreads 3+ objects over a 3x3 grid of cells
+        raise ValueError(f"--max-objects must be between 1 and 9, got {max_objects}")
+
+
 def caption_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Captions (no images drawn) covering the generator's vocabulary, e.g. to train a tiny tokenizer."""
     texts = []
@@ -205,9 +226,15 @@ def caption_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The CLI. A bad option is one `error: ...` line on stderr with exit status 2 (argparse's usage is not
+    repeated: `--help` shows it), as for every CLI of the package."""
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"error: {message}\n")
+
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -221,10 +248,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--prefix", default="shapes")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        check_options(num_samples=a.num_samples, samples_per_shard=a.samples_per_shard, image_size=a.image_size,
+                      min_size=a.min_size, max_size=a.max_size, max_objects=a.max_objects)
+    except ValueError as e:
+        p.error(str(e))
+    if not a.prefix or os.sep in a.prefix or a.prefix.startswith("."):
+        p.error(f"--prefix must be a plain file-name prefix, got {a.prefix!r}")
     t0 = time.perf_counter()
     formats = ("tar", "jsonl") if a.format == "both" else (a.format,)
-    res = generate(a.out, a.num_samples, samples_per_shard=a.samples_per_shard, image_size=a.image_size or None,
-                   min_size=a.min_size, max_size=a.max_size, seed=a.seed, max_objects=a.max_objects,
-                   size_words=not a.no_size_words, formats=formats, prefix=a.prefix)
+    try:
+        res = generate(a.out, a.num_samples, samples_per_shard=a.samples_per_shard, image_size=a.image_size or None,
+                       min_size=a.min_size, max_size=a.max_size, seed=a.seed, max_objects=a.max_objects,
+                       size_words=not a.no_size_words, formats=formats, prefix=a.prefix)
+    except OSError as e:  # --out under a file, not writable, disk full
+        p.error(f"--out {a.out}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
     print(json.dumps({"num_samples": a.num_samples, "shards": len(res["shards"]), "jsonl": res["jsonl"],
                       "seconds": round(time.perf_counter() - t0, 2)}))

@@ -3,8 +3,15 @@
 A shard is indexed once: every regular member's name, data offset and size, and the grouping of consecutive
 members that share a key into samples (WebDataset convention: `dir/abc.jpg` and `dir/abc.txt` form sample
 `dir/abc` with fields `jpg` and `txt`). The index is a small binary file stored next to the shard (or in a
-cache directory) and reused while the shard's size and modification time are unchanged. Samples are then read
+cache directory) and reused while the shard's content fingerprint is unchanged. Samples are then read
 with positioned reads (`os.pread`): no extraction, and member names are never used as file-system paths.
+
+Why a content fingerprint and not size + mtime: a shard rewritten with other samples but the same size and
+modification time (a regenerated data set copied with `cp -p`, `rsync -t`, a restored backup) would otherwise be
+read through the old member table, silently returning wrong or torn samples. The fingerprint hashes the shard's
+size and its first and last 64 KiB (the first member's header, the last members and the end-of-archive blocks); on
+load the header of the middle member is also checked against the index, so a layout change between head and tail
+is caught too. Three small reads per shard, and a copied data set keeps its indices.
 
 Why our own header parser instead of `tarfile`: it touches only the 512-byte headers (one `pread` each), keeps
 the members of a truncated or corrupt shard that are still complete, and lets a member whose data runs past the
@@ -12,7 +19,7 @@ end of the file be indexed so that reading it is reported as a bad sample (with 
 silently vanishing.
 
 Index file layout (little endian): 8-byte magic, 8-byte header length, a JSON header (format version, shard
-size/mtime, counts, array descriptors), then the raw arrays, each memory-mapped on load so that many worker
+size, fingerprint, counts, array descriptors), then the raw arrays, each memory-mapped on load so that many worker
 processes share one copy through the page cache:
   member_name  (M,) S<n>  raw member names (bytes; pax/GNU long names resolved)
   member_offset(M,) int64 offset of the member's data in the shard
@@ -34,15 +41,25 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: keyed on a content fingerprint instead of size + mtime
 _MAGIC = b"B3OTIDX1"
 _BLOCK = 512
 _KEY_RE = re.compile(rb"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "blip3o_jax", "tar_index")
+_FINGERPRINT_BYTES = 64 * 1024
 
 
 class TarIndexError(ValueError):
-    """A shard that cannot be indexed at all (not a tar file, unreadable)."""
+    """A shard that cannot be indexed at all (not a tar file, unreadable); the message names the shard."""
+
+
+def fingerprint(fd: int, size: int) -> str:
+    """sha1 of the shard's size and its first and last 64 KiB (two positioned reads)."""
+    h = hashlib.sha1(str(size).encode())
+    h.update(os.pread(fd, _FINGERPRINT_BYTES, 0))
+    if size > _FINGERPRINT_BYTES:
+        h.update(os.pread(fd, _FINGERPRINT_BYTES, max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES)))
+    return h.hexdigest()
 
 
 def split_member_name(name: bytes) -> tuple[bytes, str] | None:
@@ -107,6 +124,8 @@ def scan_tar(fd: int, file_size: int) -> ScanResult:
     while True:
         header = os.pread(fd, _BLOCK, pos)
         if len(header) < _BLOCK:
+            if header.strip(b"\0") and pos == 0:
+                raise TarIndexError(f"not a tar file ({len(header)} bytes, less than one tar header)")
             if header.strip(b"\0"):
                 truncated, problem = True, f"header at offset {pos} is cut off by the end of the file"
             elif pos == 0 and not header:
@@ -166,6 +185,7 @@ class TarIndex:
     shard: str
     shard_size: int
     shard_mtime_ns: int
+    fingerprint: str
     member_name: np.ndarray
     member_offset: np.ndarray
     member_size: np.ndarray
@@ -216,11 +236,20 @@ def _group(names: list[bytes]) -> tuple[list[int], list[int]]:
 
 
 def build_index(shard: str) -> TarIndex:
-    """Scans one shard (headers only) and returns its in-memory index."""
-    st = os.stat(shard)
-    fd = os.open(shard, os.O_RDONLY)
+    """Scans one shard (headers only) and returns its in-memory index; TarIndexError (naming the shard) if it is
+    not a tar file at all or cannot be read."""
     try:
+        fd = os.open(shard, os.O_RDONLY)
+    except OSError as e:
+        raise TarIndexError(f"{shard}: cannot read ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
         scan = scan_tar(fd, st.st_size)
+        print_ = fingerprint(fd, st.st_size)
+    except TarIndexError as e:
+        raise TarIndexError(f"{shard}: {e}") from None
+    except OSError as e:
+        raise TarIndexError(f"{shard}: cannot read ({e.strerror})") from None
     finally:
         os.close(fd)
     if scan.problem:
@@ -232,6 +261,7 @@ def build_index(shard: str) -> TarIndex:
         shard=shard,
         shard_size=st.st_size,
         shard_mtime_ns=st.st_mtime_ns,
+        fingerprint=print_,
         member_name=np.array(names, dtype=f"S{width}"),
         member_offset=np.array([scan.offsets[i] for i in kept], np.int64),
         member_size=np.array([scan.sizes[i] for i in kept], np.int64),
@@ -255,6 +285,7 @@ def save_index(index: TarIndex, path: str) -> None:
         "version": INDEX_VERSION,
         "shard_size": index.shard_size,
         "shard_mtime_ns": index.shard_mtime_ns,
+        "fingerprint": index.fingerprint,
         "truncated": index.truncated,
         "problem": index.problem,
         "arrays": descr,
@@ -267,6 +298,7 @@ def save_index(index: TarIndex, path: str) -> None:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
             for a in arrays.values():
                 f.write(a.tobytes())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: others sharing the data set could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -274,34 +306,81 @@ def save_index(index: TarIndex, path: str) -> None:
         raise
 
 
-def load_index(path: str, shard: str) -> TarIndex | None:
-    """Loads a stored index if it exists, is well formed, and matches the shard's current size and mtime."""
+def _umask() -> int:
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _member_header_ok(fd: int, offset: int, size: int) -> bool:
+    """Whether a valid tar header describing a member of `size` bytes sits right before `offset`."""
+    header = os.pread(fd, _BLOCK, offset - _BLOCK)
+    if len(header) < _BLOCK or not _checksum_ok(header):
+        return False
+    try:
+        return _parse_octal(header[124:136]) == size
+    except ValueError:
+        return False
+
+
+def load_index(path: str, shard: str) -> TarIndex | None:
+    """Loads a stored index if it exists, is complete and well formed, and matches the shard's current content
+    (size and fingerprint, plus the middle member's header); None otherwise, so that the caller rebuilds it. A
+    truncated or damaged index file is treated like a missing one."""
+    try:
+        file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             if f.read(len(_MAGIC)) != _MAGIC:
                 return None
             header_len = int.from_bytes(f.read(8), "little")
+            if header_len > file_size:
+                return None
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError):
+        if header.get("version") != INDEX_VERSION:
+            return None
+        base = len(_MAGIC) + 8 + header_len
+        descr = {k: header["arrays"][k] for k in _ARRAYS}
+        for d in descr.values():
+            if base + d["offset"] + int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize > file_size:
+                return None  # truncated index file
+        fd = os.open(shard, os.O_RDONLY)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     try:
-        st = os.stat(shard)
-    except OSError:
+        st = os.fstat(fd)
+        if header["shard_size"] != st.st_size or header.get("fingerprint") != fingerprint(fd, st.st_size):
+            return None
+        arrays = {}
+        for k, d in descr.items():
+            shape = tuple(d["shape"])
+            if int(np.prod(shape)) == 0:
+                arrays[k] = np.zeros(shape, np.dtype(d["dtype"]))
+            else:
+                arrays[k] = np.memmap(path, dtype=np.dtype(d["dtype"]), mode="r", offset=base + d["offset"],
+                                      shape=shape)
+        n = len(arrays["member_offset"])
+        first = arrays["sample_first"]
+        if (len(arrays["member_name"]) != n or len(arrays["member_size"]) != n or len(first) < 1
+                or first[0] != 0 or first[-1] != n):
+            return None
+        if n:
+            m = n // 2
+            if not _member_header_ok(fd, int(arrays["member_offset"][m]), int(arrays["member_size"][m])):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if (header.get("version") != INDEX_VERSION or header["shard_size"] != st.st_size
-            or header["shard_mtime_ns"] != st.st_mtime_ns):
-        return None
-    base = len(_MAGIC) + 8 + header_len
-    arrays = {}
-    for k in _ARRAYS:
-        d = header["arrays"][k]
-        shape = tuple(d["shape"])
-        if int(np.prod(shape)) == 0:
-            arrays[k] = np.zeros(shape, np.dtype(d["dtype"]))
-        else:
-            arrays[k] = np.memmap(path, dtype=np.dtype(d["dtype"]), mode="r", offset=base + d["offset"], shape=shape)
+    finally:
+        os.close(fd)
     return TarIndex(shard=shard, shard_size=st.st_size, shard_mtime_ns=st.st_mtime_ns,
-                    truncated=header["truncated"], problem=header["problem"], **arrays)
+                    fingerprint=header["fingerprint"], truncated=header["truncated"], problem=header["problem"],
+                    **arrays)
 
 
 def index_path(shard: str, cache_dir: str | None) -> str:
