@@ -35,10 +35,13 @@ EXTRAS = {
         "diffusers==0.42.1",
         "webdataset==1.0.2",
         "datasets==5.2.0",
+        "tensorflow-datasets==4.9.10",  # tests/test_tfds.py; no TensorFlow (see the tfds extra)
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],
-    "tfds": ["tensorflow-datasets"],
+    # TFDS ArrayRecord datasets (data/tfds_source.py, data/tfds_builder.py): written and read with NumPy, without
+    # TensorFlow; 12 small wheels, ~41 MB installed. array-record is Grain's own dependency, pinned here as used.
+    "tfds": ["tensorflow-datasets==4.9.10", "array-record==0.8.6"],
 }
 
 setup(
@@ -54,6 +57,9 @@ setup(
         "console_scripts": [
             "blip3o-convert=convert_torch_weights:main",
             "blip3o-train=blip3o_jax.train:main",
+            "blip3o-precompute=blip3o_jax.precompute:main",
+            "blip3o-plan=blip3o_jax.plan:main",
+            "blip3o-sample=blip3o_jax.sample:main",
         ]
     },
 )

@@ -68,6 +68,7 @@ def default_config():
     c = ml_collections.ConfigDict()
     # each: {"name", "paths" (glob or list), "kind": "tar"|"json" (default from the extension),
     #        "task": "t2i"|"i2t"|"text", "weight", optional "image_root" (json), "index_cache_dir" (tar)}
+    #   or {"kind": "tfds", "name", "split", "data_dir" (or "builder_dir"), field names...: data/tfds_source.py}
     c.datasets = []
     c.tokenizer = ""  # local directory of a transformers tokenizer
     c.global_batch_size = 16
@@ -231,6 +232,14 @@ class _Tag:
         return self.d, int(r)
 
 
+def _make_source(spec: dict, index_cache_dir: str | None):
+    if spec.get("kind") == "tfds":  # a TFDS ArrayRecord dataset, read without TensorFlow
+        from blip3o_jax.data import tfds_source
+
+        return tfds_source.TfdsSource.from_spec(spec)
+    return sources.make_source(spec, index_cache_dir)
+
+
 class DataPipeline:
     """This process's share of the input from a `data` config (see `default_config`): `samples` (a Grain
     MapDataset of loaded samples), `batch(step)` (the pure function) and `iterator(start_step)`."""
@@ -262,7 +271,7 @@ class DataPipeline:
         self.weights = [float(s.get("weight", 1.0)) for s in specs]
         if any(w <= 0 for w in self.weights):
             raise ValueError(f"dataset weights must be positive, got {self.weights}")
-        self.sources = [sources.make_source(s, _get(cfg, "index_cache_dir")) for s in specs]
+        self.sources = [_make_source(s, _get(cfg, "index_cache_dir")) for s in specs]
         target_shape = _get(cfg, "target_shape")
         if target_shape is not None:  # text-to-image samples read their precomputed target instead of the image
             from blip3o_jax.data import targets
