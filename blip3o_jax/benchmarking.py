@@ -30,6 +30,30 @@ def time_it(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5, sync: Cal
     return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times), "runs": iters}
 
 
+def paired_times(ours_fn: Callable[[], Any], ref_fn: Callable[[], Any], iters: int, *,
+                 sync: Callable[[Any], Any] = block) -> dict:
+    """Ours against a reference: one first call of each (compile / warm-up, reported), then `iters` rounds that
+    alternate them, so that load changes on a shared machine hit both alike. Medians of each, and the median of the
+    per-round ratios reference / ours (> 1: ours is faster)."""
+    t0 = time.perf_counter()
+    sync(ours_fn())
+    first_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sync(ref_fn())
+    first_ref = time.perf_counter() - t0
+    ours, ref = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(ours_fn())
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sync(ref_fn())
+        ref.append(time.perf_counter() - t0)
+    return {"ours_s": statistics.median(ours), "ref_s": statistics.median(ref),
+            "ratio": statistics.median([r / o for o, r in zip(ours, ref)]),
+            "ours_first_call_s": first_ours, "ref_first_call_s": first_ref}
+
+
 def jax_matmul_peak(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
     """Achieved FLOP/s of an n^3 matmul in JAX on the default device: the hardware's practical peak."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)

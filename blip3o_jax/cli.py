@@ -15,8 +15,10 @@ class UserError(ValueError):
 def define_config_flag(default: str | None = None):
     from ml_collections import config_flags
 
-    return config_flags.DEFINE_config_file("config", default, "Path to an ml_collections config file (.py).",
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        "config", default, "Path to an ml_collections config file (.py), as configs/NAME.py or configs/NAME.py:ARG "
+        "(ARG is passed to its get_config, e.g. the data directory); any field is overridden with --config.a.b=value.",
+        lock_config=True)
 
 
 def _one_line(e: BaseException) -> str:
@@ -67,9 +69,25 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run` that turns known user errors into one line on stderr and exit status 2."""
+def _help_of(module: str, doc: str | None) -> None:
+    """`--help` shows `doc` and every flag `module` defines (and `--config`), however the tool was started: absl lists
+    only the flags of the `__main__` file, which is a shim or a console-script wrapper for a tool in the package."""
+    if doc:
+        sys.modules["__main__"].__doc__ = doc
+    key_flags = list(FLAGS.get_key_flags_for_module(module))
+    if "config" in FLAGS:
+        key_flags.append(FLAGS["config"])
+    for flag in key_flags:
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def run(main: Callable[[list[str]], None], *, module: str | None = None, doc: str | None = None) -> None:
+    """`absl.app.run` that turns known user errors into one line on stderr and exit status 2. `module` (the tool's
+    `__name__`) and `doc` (its usage text) make `--help` describe the tool's flags."""
     from blip3o_jax.convert.common import ConversionError
+
+    if module is not None:
+        _help_of(module, doc)
 
     def wrapped(argv):
         try:

@@ -13,7 +13,6 @@ SDXL-UNet decoder (reference §1.7), not part of this package.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Sequence
@@ -98,31 +97,35 @@ class Sampler:
 
 def load_trained(workdir: str, step: int | None = None, config=None):
     """(model, params (all groups merged; the EMA weights if kept), config) from a training workdir: latest (or
-    `step`) checkpoint + frozen weights."""
+    `step`) checkpoint + frozen weights. No train step is built: the checkpoint's layout comes from the model's
+    abstract params (training/model_setup.py) and the optimizer's state shapes."""
     import ml_collections
 
     from blip3o_jax import sharding as shd
     from blip3o_jax.training import checkpoint as ckpt_lib
+    from blip3o_jax.training import defaults
+    from blip3o_jax.training import model_setup as ms_lib
     from blip3o_jax.training import optimizer as opt_lib
-    from blip3o_jax.training import step as step_lib
+    from blip3o_jax.training import state as state_lib
 
     workdir = os.path.abspath(workdir)
     if config is None:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
-    mesh = shd.make_mesh({"data": -1})
-    setup = step_lib.make_train_step(config, mesh)
+    ms = ms_lib.model_setup(config, shd.make_mesh({"data": -1}))
+    tx, _ = opt_lib.make_optimizer(config.train)
+    abstract_state, _ = state_lib.layout(ms, tx, ema=bool(defaults.option(config, "train.ema_decay")))
     checkpointer = ckpt_lib.Checkpointer(workdir, save_every=0)
     try:
-        state = checkpointer.restore(step, setup.abstract_state)
+        state = checkpointer.restore(step, abstract_state)
     finally:
         checkpointer.close()
     frozen = {}
-    if setup.abstract_frozen:
-        frozen = ckpt_lib.restore_params(os.path.join(workdir, "frozen"), setup.abstract_frozen)
+    if ms.abstract_frozen:
+        frozen = ckpt_lib.restore_params(os.path.join(workdir, "frozen"), ms.abstract_frozen)
     # the moving average of the weights when the run kept one (config.train.ema_decay): it samples better
     trainable = state.params if state.ema_params is None else state.ema_params
-    return setup.model, opt_lib.merge_params(trainable, frozen), config
+    return ms.model, opt_lib.merge_params(trainable, frozen), config
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -77,11 +77,13 @@ def make_mesh(axis_sizes: dict[str, int] | Sequence[int] | None = None, devices=
     """A (data, fsdp, tensor) mesh with auto (GSPMD) axis types. Default: all devices on `fsdp`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = parse_mesh_shape(axis_sizes if axis_sizes is not None else {"fsdp": -1}, len(devices))
-    try:
-        from jax.experimental import mesh_utils
+    from jax.experimental import mesh_utils
 
+    try:  # the physical topology's order (TPU torus): collectives along each axis stay on neighbouring chips
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001  (simulated/odd topologies: plain reshape is fine)
+    except (ValueError, NotImplementedError, AssertionError) as e:  # a shape the topology cannot tile
+        logging.getLogger(__name__).warning("mesh %s does not map onto the device topology (%s); using the devices "
+                                            "in their listed order", shape, e)
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

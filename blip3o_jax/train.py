@@ -14,30 +14,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from blip3o_jax import sharding as shd
 from blip3o_jax.cli import UserError
 from blip3o_jax.models import registry
 from blip3o_jax.training import checkpoint as ckpt_lib
+from blip3o_jax.training import defaults
 from blip3o_jax.training import metrics as metrics_lib
-from blip3o_jax.training import optimizer as opt_lib
 from blip3o_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
-
-# batch fields the step consumes (the pipeline also yields bookkeeping fields such as record_id)
-STEP_FIELDS = ("input_ids", "attention_mask", "positions", "task", "sample_valid", "query_index", "gen_image",
-               "targets", "labels", "loss_mask", "und_patches", "und_index", "mrope_positions")
-
 
 
 class TrainingStopped(RuntimeError):
@@ -68,7 +61,7 @@ def check_config(config) -> None:
     if int(d.global_batch_size) % jax.device_count() and jax.device_count() % int(d.global_batch_size):
         raise UserError(f"config.data.global_batch_size={d.global_batch_size} does not divide over "
                         f"{jax.device_count()} devices")
-    accum = int(config.train.get("grad_accum_steps", 1))
+    accum = int(defaults.option(config, "train.grad_accum_steps"))
     if int(d.global_batch_size) % accum:
         raise UserError(f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
                         f"config.train.grad_accum_steps={accum}")
@@ -86,14 +79,14 @@ def _parse_init_from(spec: str) -> list[tuple[str | None, str]]:
     return out
 
 
-def load_init_from(spec: str, setup: step_lib.TrainSetup) -> dict:
+def load_init_from(spec: str, setup) -> dict:
     """{group: params} from `config.init_from`: comma-separated `[group=]DIR` entries of converted checkpoints
     (`convert_torch_weights.py` output or a BLIP3-o checkpoint converted with kind blip3o). The group defaults to
     what the checkpoint's kind initialises (a Qwen model -> backbone, EVA-CLIP -> gen_encoder, a DiT -> dit,
-    BLIP3-o -> every group it holds)."""
+    BLIP3-o -> every group it holds). `setup`: a training/model_setup.ModelSetup or a train step's setup."""
     from blip3o_jax import pretrained
 
-    abstract = {**setup.abstract_frozen, **setup.abstract_state.params}
+    abstract = setup.abstract_params
     loaded = {}
     for group, path in _parse_init_from(spec):
         if not os.path.isdir(path):
@@ -110,7 +103,7 @@ def load_init_from(spec: str, setup: step_lib.TrainSetup) -> dict:
                             f"initialises; write GROUP={path} with GROUP one of {sorted(abstract)}")
         try:
             loaded[group] = pretrained.restore_params(path, abstract[group])
-        except Exception as e:  # noqa: BLE001  (shape/structure mismatch from Orbax)
+        except (ValueError, KeyError, TypeError) as e:  # Orbax: the stored tree's structure or shapes differ
             raise UserError(f"config.init_from: {path} (kind {kind}) does not fit the model's {group!r}: {e}") from e
     return loaded
 
@@ -119,7 +112,8 @@ def load_init_from(spec: str, setup: step_lib.TrainSetup) -> dict:
 # state: restore or initialise
 
 
-def _cast_like(tree, abstract):
+def cast_like(tree, abstract):
+    """`tree` in the dtypes of `abstract` (loaded weights -> the run's param dtypes)."""
     return jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x, tree, abstract)
 
 
@@ -134,31 +128,32 @@ def initial_state(config, setup: step_lib.TrainSetup, workdir: str, checkpointer
         if setup.abstract_frozen and os.path.isdir(frozen_dir):
             frozen = ckpt_lib.restore_params(frozen_dir, setup.abstract_frozen)
         else:  # frozen weights are a pure function of the seed and init_from
-            _, frozen = setup.init(rng)
+            _, frozen = setup.model_setup.init(rng)
             frozen = _apply_init_from(config, setup, None, frozen)[1]
         log.info("resumed from step %d", latest)
         return state, frozen, int(latest)
     state, frozen = setup.init(rng)
     state, frozen = _apply_init_from(config, setup, state, frozen)
-    if setup.abstract_frozen and config.get("checkpoint", {}).get("save_frozen", True):
+    if setup.abstract_frozen and defaults.option(config, "checkpoint.save_frozen"):
         ckpt_lib.save_params(frozen_dir, frozen)
     return state, frozen, 0
 
 
 def _apply_init_from(config, setup, state, frozen):
-    spec = config.get("init_from", "")
+    spec = defaults.option(config, "init_from")
     if not spec:
         return state, frozen
     loaded = load_init_from(spec, setup)
     frozen = dict(frozen)
     for group, params in loaded.items():
         if group in frozen:
-            frozen[group] = _cast_like(params, setup.abstract_frozen[group])
+            frozen[group] = cast_like(params, setup.abstract_frozen[group])
         elif state is not None:
-            params = _cast_like(params, setup.abstract_state.params[group])
+            params = cast_like(params, setup.abstract_state.params[group])
             new_params = {**state.params, group: params}
             # fresh optimizer moments for the loaded weights
-            state = state.replace(params=new_params, opt_state=jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(new_params))
+            opt_init = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)
+            state = state.replace(params=new_params, opt_state=opt_init(new_params))
     return state, frozen
 
 
@@ -204,13 +199,156 @@ def _summarise(window: _Window, last: dict, *, batch_size: int, flops_per_step: 
     return out
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+@dataclasses.dataclass
+class _Reporter:
+    """Reads each step's metrics on the host (one step late, so the host never stalls the device), sums them over
+    a log window, writes the log lines and moves the progress bar."""
+
+    writer: metrics_lib.MetricWriter
+    data_iter: Any
+    bar: Any  # tqdm or None
+    total_steps: int
+    log_every: int
+    max_bad: int  # consecutive non-finite steps that stop the run
+    num_buckets: int
+    batch_size: int
+    flops_per_step: float
+    peak: float | None
+    window: _Window = dataclasses.field(default_factory=_Window)
+    last_logged: dict = dataclasses.field(default_factory=dict)
+    streak: int = 0  # consecutive non-finite steps, as last read
+
+    def consume(self, step: int, device_metrics) -> str | None:
+        """Takes in the metrics of `step`; returns why the run must stop, if it must."""
+        m = jax.device_get(device_metrics)
+        self.window.add(m)
+        self.streak = int(m["nonfinite_streak"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
+        stop = self.streak >= self.max_bad
+        if step % self.log_every == 0 or step == self.total_steps or stop:
+            summary = _summarise(self.window, m, batch_size=self.batch_size, flops_per_step=self.flops_per_step,
+                                 peak=self.peak, num_buckets=self.num_buckets)
+            summary.update({k: v for k, v in self.data_iter.metrics().items() if k.startswith("data/bad")})
+            self.writer.write(step, summary)
+            self.last_logged = {"step": step, **summary}
+            self.window = _Window()
+        if stop:
+            return f"{self.max_bad} consecutive steps with a non-finite loss, gradient or update (up to step {step})"
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+def _reporter(config, setup: step_lib.TrainSetup, workdir: str, data_iter, start: int, precomputed) -> _Reporter:
+    """The run's metric writer and progress bar; writes config.json and the run's opening lines."""
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(defaults.option(config, "log.tensorboard")))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(ckpt_lib.config_to_json(config), f, indent=2)
+    peak, peak_how = metrics_lib.device_peak_flops()
+    total_steps = int(config.train.total_steps)
+    flops = metrics_lib.train_flops_per_sample(
+        setup.model_cfg, seq_len=max(int(n) for n in config.data.seq_buckets), trainable=setup.trainable_names,
+        text_loss=bool(defaults.option(config, "train.text_loss_weight")))
+    if precomputed.use:
+        writer.write_text(f"precomputed targets {precomputed.shape} from companion shards ({precomputed.reason})")
+    writer.write_text(f"training {total_steps} steps from step {start} on {jax.device_count()} devices, mesh "
+                      f"{dict(setup.mesh.shape)}; trainable: {', '.join(setup.trainable_names)}; "
+                      f"{flops['total'] / 1e9:.3g} GFLOPs/sample (at the longest sequence bucket); peak: {peak_how}")
+    bar = None
+    if defaults.option(config, "log.progress_bar") and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=2.0)
+    B = int(config.data.global_batch_size)
+    return _Reporter(writer=writer, data_iter=data_iter, bar=bar, total_steps=total_steps,
+                     log_every=int(defaults.option(config, "log.every")),
+                     max_bad=int(defaults.option(config, "train.max_consecutive_nonfinite")),
+                     num_buckets=int(defaults.option(config, "log.sigma_buckets")), batch_size=B,
+                     flops_per_step=flops["total"] * B, peak=peak)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the step loop drives: the step, the data, the checkpoints, the stop signals and the reporter."""
+
+    setup: step_lib.TrainSetup
+    data_iter: Any
+    checkpointer: ckpt_lib.Checkpointer
+    watcher: ckpt_lib.PreemptionWatcher
+    reporter: _Reporter
+    config_json: dict
+    total_steps: int
+    max_seconds: float  # wall-clock budget of this invocation (e.g. a scheduler's time limit); 0: none
+
+    def next_batch(self) -> dict:
+        """The next batch as global arrays: the fields the step consumes (the pipeline also yields bookkeeping)."""
+        from blip3o_jax.data import pipeline as data_lib
+
+        host_batch = next(self.data_iter)
+        fields = self.setup.batch_shardings
+        return data_lib.make_global_batch({k: v for k, v in host_batch.items() if k in fields}, self.setup.mesh)
+
+    def save_if_finite(self, step: int, state) -> None:
+        # a checkpoint is written only while the steps are finite, so the last one kept is a good one
+        if self.reporter.streak == 0:
+            self.checkpointer.save(step, state, data_iterator=self.data_iter, config=self.config_json)
+
+    def stop_requested(self, step: int, state, t_loop: float) -> str | None:
+        """"preempted" (SIGTERM on any process) or "out_of_time", after saving this step; else None."""
+        preempted, out_of_time = self.watcher.requested(
+            step, self.max_seconds > 0 and time.perf_counter() - t_loop > self.max_seconds)
+        if not (preempted or out_of_time):
+            return None
+        if self.checkpointer.latest_step() != step:
+            self.save_if_finite(step, state)
+        return "out_of_time" if out_of_time else "preempted"
+
+
+def _step_loop(run: _Run, state, frozen, step: int) -> tuple[int, str | None]:
+    """Steps until `total_steps` or a stop; returns (last step taken, why it stopped early or None).
+
+    Each step is dispatched asynchronously; the previous step's metrics are read after it (a one-step lag).
+    """
+    pending = None  # (step number after the update, device metrics) of the previous step
+    stop_reason = None
+    t_loop = time.perf_counter()
+    while step < run.total_steps:
+        state, device_metrics = run.setup.step_fn(state, frozen, run.next_batch())
+        step += 1
+        if pending is not None:
+            stop_reason = run.reporter.consume(*pending)
+        pending = (step, device_metrics)
+        if stop_reason:
+            break
+        if run.checkpointer.should_save(step) or step == run.total_steps:
+            # read this step's metrics now (a sync, but only when saving): save only a finite state
+            stop_reason, pending = run.reporter.consume(*pending), None
+            if stop_reason:
+                break
+            run.save_if_finite(step, state)
+        stop_reason = run.stop_requested(step, state, t_loop)
+        if stop_reason:
+            break
+    if pending is not None and stop_reason in (None, "preempted", "out_of_time"):
+        stop_reason = run.reporter.consume(*pending) or stop_reason  # the last step's metrics (one-step lag)
+    return step, stop_reason
+
+
+def _prepare(config, workdir: str):
+    """(config with precomputed targets resolved, their resolution, workdir, mesh), or a UserError."""
     shd.initialize_distributed()
     check_config(config)
     from blip3o_jax.data import targets as targets_lib
 
-    try:  # precomputed targets (tools/precompute_targets.py): no image decode, no encoder in the step
+    try:  # precomputed targets (blip3o-precompute): no image decode, no encoder in the step
         config, precomputed = targets_lib.resolve(config)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -220,9 +358,10 @@ def train(config, workdir: str) -> dict:
         mesh = shd.make_mesh(dict(config.mesh))
     except ValueError as e:
         raise UserError(f"config.mesh: {e}") from None
-    setup = step_lib.make_train_step(config, mesh)
-    total_steps = int(config.train.total_steps)
+    return config, precomputed, workdir, mesh
 
+
+def _data_iterator(config, setup: step_lib.TrainSetup):
     from blip3o_jax.data import pipeline as data_lib
 
     data = data_lib.build(config.data)
@@ -230,115 +369,47 @@ def train(config, workdir: str) -> dict:
     if vocab > setup.model_cfg.backbone.vocab_size:
         raise UserError(f"the tokenizer {config.data.tokenizer} has {vocab} tokens but the backbone's vocab_size is "
                         f"{setup.model_cfg.backbone.vocab_size}")
-    data_iter = data.iterator()
-    checkpointer = ckpt_lib.Checkpointer(workdir, save_every=int(config.checkpoint.every),
-                                         keep=int(config.checkpoint.get("keep", 2)),
-                                         async_save=bool(config.checkpoint.get("async_save", True)))
-    state, frozen, start = initial_state(config, setup, workdir, checkpointer, data_iter)
-    if data_iter.step != start:  # checkpoints without a data item: batches are a pure function of the step
-        data_iter.set_state({**data_iter.get_state(), "step": start})
+    return data.iterator()
 
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.log.get("tensorboard", True)))
-    config_json = ckpt_lib.config_to_json(config)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2)
-    peak, peak_how = metrics_lib.device_peak_flops()
-    B = int(config.data.global_batch_size)
-    flops = metrics_lib.train_flops_per_sample(setup.model_cfg, seq_len=max(int(n) for n in config.data.seq_buckets),
-                                               trainable=setup.trainable_names,
-                                               text_loss=bool(config.train.get("text_loss_weight", 0.0)))
-    if precomputed.use:
-        writer.write_text(f"precomputed targets {precomputed.shape} from companion shards ({precomputed.reason})")
-    writer.write_text(f"training {total_steps} steps from step {start} on {jax.device_count()} devices, mesh "
-                      f"{dict(mesh.shape)}; trainable: {', '.join(setup.trainable_names)}; "
-                      f"{flops['total'] / 1e9:.3g} GFLOPs/sample (at the longest sequence bucket); peak: {peak_how}")
-    log_every = int(config.log.get("every", 50))
-    num_buckets = int(config.log.get("sigma_buckets", 5))
-    max_bad = int(config.train.get("max_consecutive_nonfinite", 10))
-    watcher = ckpt_lib.PreemptionWatcher()
-    bar = None
-    if config.log.get("progress_bar", True) and jax.process_index() == 0:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                   mininterval=2.0)
-
-    window = _Window()
-    pending = None  # (step number after the update, device metrics) of the previous step
-    last_logged: dict = {}
-    streak = 0  # consecutive non-finite steps, as last read
-    # a wall-clock budget for this invocation (e.g. a scheduler's time limit): save and stop cleanly when it is spent
-    max_seconds = float(config.train.get("max_seconds", 0) or 0)
-    t_loop = time.perf_counter()
-    step = start
-    stop_reason = None
-
-    def consume(pending_step, device_metrics):
-        nonlocal window, last_logged, streak
-        m = jax.device_get(device_metrics)
-        window.add(m)
-        streak = int(m["nonfinite_streak"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
-        stop = streak >= max_bad
-        if pending_step % log_every == 0 or pending_step == total_steps or stop:
-            summary = _summarise(window, m, batch_size=B, flops_per_step=flops["total"] * B, peak=peak,
-                                 num_buckets=num_buckets)
-            summary.update({k: v for k, v in data_iter.metrics().items() if k.startswith("data/bad")})
-            writer.write(pending_step, summary)
-            last_logged = {"step": pending_step, **summary}
-            window = _Window()
-        if stop:
-            return f"{max_bad} consecutive steps with a non-finite loss, gradient or update (up to step {pending_step})"
-        return None
-
-    try:
-        while step < total_steps:
-            host_batch = next(data_iter)
-            batch = data_lib.make_global_batch({k: v for k, v in host_batch.items() if k in STEP_FIELDS}, mesh)
-            state, device_metrics = setup.step_fn(state, frozen, batch)
-            step += 1
-            if pending is not None:
-                stop_reason = consume(*pending)
-            pending = (step, device_metrics)
-            if stop_reason:
-                break
-            if checkpointer.should_save(step) or step == total_steps:
-                # read this step's metrics now (a sync, but only when saving): a checkpoint is written only while
-                # the steps are finite, so the last one kept is a good one
-                stop_reason, pending = consume(*pending), None
-                if stop_reason:
-                    break
-                if streak == 0:
-                    checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
-            preempted, out_of_time = watcher.requested(
-                step, max_seconds > 0 and time.perf_counter() - t_loop > max_seconds)
-            if preempted or out_of_time:
-                if checkpointer.latest_step() != step and streak == 0:
-                    checkpointer.save(step, state, data_iterator=data_iter, config=config_json)
-                stop_reason = "out_of_time" if out_of_time else "preempted"
-                break
-        if pending is not None and stop_reason in (None, "preempted", "out_of_time"):
-            stop_reason = consume(*pending) or stop_reason  # the last step's metrics (one-step lag)
-    finally:
-        checkpointer.close()
-        watcher.restore_handlers()
-        if bar is not None:
-            bar.close()
-        writer.flush()
-        writer.close()
-        data_iter.close()
+def _report_stop(reporter: _Reporter, checkpointer: ckpt_lib.Checkpointer, step: int, stop_reason: str | None,
+                 max_seconds: float) -> None:
     if stop_reason == "preempted":
-        writer.write_text(f"stopped by SIGTERM after step {step}; checkpoint saved, rerun the command to resume")
+        reporter.writer.write_text(f"stopped by SIGTERM after step {step}; checkpoint saved, rerun the command to "
+                                   "resume")
     elif stop_reason == "out_of_time":
-        writer.write_text(f"stopped after step {step}: config.train.max_seconds={max_seconds:g} reached; checkpoint "
-                          "saved, rerun the command to continue")
+        reporter.writer.write_text(f"stopped after step {step}: config.train.max_seconds={max_seconds:g} reached; "
+                                   "checkpoint saved, rerun the command to continue")
     elif stop_reason:
         raise TrainingStopped(f"stopping: {stop_reason}; the last good checkpoint "
                               f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}")
-    return last_logged
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    config, precomputed, workdir, mesh = _prepare(config, workdir)
+    setup = step_lib.make_train_step(config, mesh)
+    data_iter = _data_iterator(config, setup)
+    checkpointer = ckpt_lib.Checkpointer(workdir, save_every=int(config.checkpoint.every),
+                                         keep=int(defaults.option(config, "checkpoint.keep")),
+                                         async_save=bool(defaults.option(config, "checkpoint.async_save")))
+    state, frozen, start = initial_state(config, setup, workdir, checkpointer, data_iter)
+    if data_iter.step != start:  # checkpoints without a data item: batches are a pure function of the step
+        data_iter.set_state({**data_iter.get_state(), "step": start})
+    reporter = _reporter(config, setup, workdir, data_iter, start, precomputed)
+    max_seconds = float(defaults.option(config, "train.max_seconds") or 0)
+    run = _Run(setup=setup, data_iter=data_iter, checkpointer=checkpointer, watcher=ckpt_lib.PreemptionWatcher(),
+               reporter=reporter, config_json=ckpt_lib.config_to_json(config),
+               total_steps=int(config.train.total_steps), max_seconds=max_seconds)
+    try:
+        step, stop_reason = _step_loop(run, state, frozen, start)
+    finally:
+        checkpointer.close()
+        run.watcher.restore_handlers()
+        reporter.close()
+        data_iter.close()
+    _report_stop(reporter, checkpointer, step, stop_reason, max_seconds)
+    return reporter.last_logged
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,8 +440,9 @@ def main():
     from blip3o_jax import cli
 
     cli.define_config_flag()
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
-    cli.run(_main)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events (rerun with "
+                        "the same one to resume).")
+    cli.run(_main, module=__name__, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""tools/aot_compile.py: ahead-of-time compilation of the real train step and its per-device plan.
+"""blip3o-plan (blip3o_jax/plan.py, run here through its tools/aot_compile.py shim): ahead-of-time compilation of
+the real train step and its per-device plan.
 
 The CPU path (8 simulated devices, no libtpu) runs in CI: the table and the JSON line are checked against what
 the shardings imply (arguments = state + frozen params + batch shard, the donated state aliased by the outputs)
 and the HLO FLOPs against the analytic model FLOPs. The TPU path compiles for a v5e 2x2 topology with libtpu
-on this CPU: it runs where libtpu is importable, or with BLIP3O_TPU_PYTHON pointing at an interpreter that has it
-(`pip install -e .[tpu]` in a separate venv), and is skipped otherwise.
+on this CPU; it carries the `tpu` marker, deselected by default (pytest.ini): run it with `pytest -m tpu` where
+libtpu is importable, or with BLIP3O_TPU_PYTHON pointing at an interpreter that has it (`pip install -e .[tpu]`
+in a separate venv).
 """
 from __future__ import annotations
 
@@ -85,10 +87,11 @@ def _tpu_python() -> str | None:
     return sys.executable
 
 
+@pytest.mark.tpu
 def test_tpu_plan_of_the_tiny_config():
     python = _tpu_python()
-    if python is None:
-        pytest.skip("libtpu is not installed here (pip install -e .[tpu]) and BLIP3O_TPU_PYTHON is not set")
+    assert python is not None, ("libtpu is not installed here (pip install -e .[tpu]) and BLIP3O_TPU_PYTHON is not "
+                                "set; this test runs only with -m tpu")
     table, r = _run(python, [*SMALL, "--topology", "v5e:2x2", "--mesh", "data=-1"], timeout=600)
     assert r["platform"] == "tpu" and r["chips"] == 4 and r["chip"] == "TPU v5e"
     assert r["fits"] is True and abs(r["hbm_per_device"] - 16 * 1024**3) < 1e5  # (JSON: 6 significant digits)

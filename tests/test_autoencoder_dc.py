@@ -21,6 +21,7 @@ from blip3o_jax.convert import autoencoder_dc as dc_rules
 from blip3o_jax.convert.common import ConversionError, abstract_shapes, from_torch_by_rules
 from blip3o_jax.models import autoencoder_dc as dc
 from blip3o_jax.models import registry
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 torch.set_num_threads(1)
 
@@ -85,12 +86,6 @@ def nchw(x) -> torch.Tensor:
 
 def randn(shape, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def assert_close(ours, ref, rel=1e-4, what=""):

@@ -20,6 +20,7 @@ from blip3o_jax.convert import common as convert_common
 from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models import autoencoder_kl as vae_lib
 from blip3o_jax.models import conv_blocks
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 torch.set_num_threads(2)
 
@@ -37,12 +38,6 @@ CONFIGS = {
                          scaling_factor=0.13025),
                     (40, 56)),
 }
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def nhwc(t: torch.Tensor) -> jnp.ndarray:

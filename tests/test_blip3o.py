@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -19,41 +18,17 @@ from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel
 
 from blip3o_jax import convert
 from blip3o_jax import sharding as shd
-from blip3o_jax.data import pipeline as data_pipeline
 from blip3o_jax.diffusion import flow_matching
 from blip3o_jax.models import blip3o as blip3o_lib
 from blip3o_jax.models import qwen as qwen_lib
+from blip3o_jax.training import model_setup as ms_lib
 from blip3o_jax.training import optimizer as opt_lib
 from blip3o_jax.training import step as step_lib
+from conftest import TINY_B, TINY_L, TINY_NQ, t2i_batch, tiny_config  # noqa: E402  (tests/ is on sys.path)
 
 torch.set_num_threads(2)
 
-B, L, NQ = 4, 14, 4
-
-
-def tiny_config(**model_overrides):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        backbone_kind="qwen3",
-        backbone=dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=10000.0,
-                      rms_norm_eps=1e-6),
-        n_query=NQ, target="precomputed", image_size=16, loss="clip_fm", query_path="full",
-        dit=dict(input_size=4, patch_size=1, in_channels=8, dim=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                 multiple_of=16),
-    ))
-    c.model.update(model_overrides)
-    c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.25))
-    c.data = data_pipeline.default_config()
-    c.data.datasets = [dict(name="x", paths="unused", task="t2i")]
-    c.data.global_batch_size = B
-    c.data.seq_buckets = (L,)
-    c.data.n_query = NQ
-    c.train = ml_collections.ConfigDict(dict(total_steps=10, lr=1e-3, min_lr=0.0, warmup_steps=2,
-                                             freeze_backbone=True, text_loss_weight=0.0, grad_clip_norm=1.0))
-    c.log = ml_collections.ConfigDict(dict(sigma_buckets=5))
-    return c
+B, L, NQ = TINY_B, TINY_L, TINY_NQ
 
 
 class TorchBlip3o(torch.nn.Module):
@@ -228,17 +203,6 @@ def test_batch_without_any_image_gives_zero_generation_loss(case):
     assert float(loss) == 0.0 and float(aux["gen_count"]) == 0.0
 
 
-def t2i_batch(rs, batch: int, n: int = 24, n_query: int = 16, task=None) -> dict:
-    """A text-to-image batch of random prompts of n tokens ending in n_query query slots, with 4x4x8 targets."""
-    return {"input_ids": rs.randint(3, 96, (batch, n)).astype(np.int32),
-            "attention_mask": np.ones((batch, n), np.int32),
-            "positions": np.tile(np.arange(n, dtype=np.int32), (batch, 1)),
-            "query_index": np.tile(np.arange(n - n_query, n, dtype=np.int32), (batch, 1)),
-            "task": np.zeros((batch,), np.int32) if task is None else np.asarray(task, np.int32),
-            "sample_valid": np.ones((batch,), np.int32),
-            "targets": rs.randn(batch, 4, 4, 8).astype(np.float32)}
-
-
 def test_clip_mse_variant_regresses_the_grid():
     config = tiny_config(loss="clip_mse", n_query=16)
     config.data.n_query = 16
@@ -297,7 +261,7 @@ def test_understanding_tower_matches_the_full_qwen2_5_vl():
     image_pad, vstart, vend = 90, 91, 92
     config = tiny_config(backbone_kind="qwen2_5_vl_text", backbone=text, und_tower_kind="qwen2_5_vl_vision",
                          und_tower=vision, und_image_size=56)
-    mcfg = step_lib.model_config(config)
+    mcfg = ms_lib.model_config(config)
     model = blip3o_lib.build("blip3o", mcfg)
     ref_cfg = qvl.Qwen2_5_VLConfig(text=mcfg.backbone, vision=mcfg.und_tower, image_token_id=image_pad,
                                    vision_start_token_id=vstart, vision_end_token_id=vend)
@@ -329,4 +293,4 @@ def test_understanding_tower_matches_the_full_qwen2_5_vl():
 
 
 def nn_unbox(tree):
-    return step_lib.plain_unbox(tree)
+    return ms_lib.plain_unbox(tree)

@@ -23,6 +23,7 @@ from torch import nn
 from blip3o_jax import convert, models, sharding
 from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models.eva_clip import EvaClipConfig, pool_grid
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 torch.manual_seed(0)
 
@@ -158,10 +159,6 @@ def case(request):
 def apply_fn(cfg):
     module = models.build("eva_clip", cfg)
     return jax.jit(lambda p, x: module.apply({"params": p}, x))
-
-
-def rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 # ------------------------------------------------------------------------------------------ tests

@@ -98,12 +98,6 @@ def test_training_loss_equals_numpy_recomputation(tiny):
     np.testing.assert_array_equal(np.asarray(aux["sigma"]), r["sigma"])
     np.testing.assert_array_equal(r["timestep"], r["sigma"] * 1000)
     assert loss.dtype == jnp.float32
-    # dispatch: clip_fm and vae_fm are this loss
-    both = jax.jit(lambda p: [losses.loss(variant, tiny["apply_fn"], p, x0, cond, rng, fm_cfg, cond_mask=mask)[0]
-                              for variant in ("clip_fm", "vae_fm")])(tiny["params"])
-    np.testing.assert_allclose(np.asarray(both), float(loss), rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown loss variant"):
-        losses.loss("clip_l1", tiny["apply_fn"], tiny["params"], x0, cond, rng, fm_cfg)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -193,11 +187,14 @@ BLOB_DIT = dict(input_size=2, patch_size=1, in_channels=4, dim=64, n_layers=2, n
 def train(variant, steps, lr, batch=64, seed=0):
     cfg = models.config_from_hf("dit", BLOB_DIT)
     means, cond_table = blob_problem()
-    module = losses.build_model(variant, cfg)
-    apply_fn = losses.apply_fn_for(variant, module)
-    if variant == "clip_mse":
+    if variant == "clip_mse":  # the head regresses the grid (diffusion/losses.py)
+        module = dit_lib.MSEHead(cfg)
+        apply_fn = lambda p, c, m=None: module.apply({"params": p}, c, m)  # noqa: E731
+        loss_fn = lambda p, x0, c, rng: losses.clip_mse_loss(apply_fn, p, x0, c)  # noqa: E731
         params = module.init(jax.random.PRNGKey(seed), cond_table[:1])["params"]
-    else:
+    else:  # the DiT learns the velocity (flow matching)
+        apply_fn = fm.dit_apply_fn(dit_lib.DiT(cfg))
+        loss_fn = lambda p, x0, c, rng: fm.training_loss(apply_fn, p, x0, c, rng, FM)  # noqa: E731
         params = dit_lib.init_params(cfg, jax.random.PRNGKey(seed))
     params = jax.tree.map(jnp.asarray, params)
     opt = optax.adam(lr)
@@ -207,8 +204,7 @@ def train(variant, steps, lr, batch=64, seed=0):
         params, opt_state = carry
         d_rng, l_rng = jax.random.split(rng)
         x0, cond, _ = blob_batch(d_rng, means, cond_table, batch)
-        (loss, _), grads = jax.value_and_grad(losses.loss, argnums=2, has_aux=True)(
-            variant, apply_fn, params, x0, cond, l_rng, FM)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x0, cond, l_rng)
         updates, opt_state = opt.update(grads, opt_state)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -243,7 +239,7 @@ def test_flow_matching_learns_conditional_blobs():
 def test_clip_mse_head_regresses_the_grid():
     cfg, apply_fn, params, hist, means, cond_table = train("clip_mse", steps=150, lr=1e-2)
     assert hist[-20:].mean() < 0.1 * hist[:5].mean()
-    pred = losses.generate("clip_mse", apply_fn, params, cond_table, None, means.shape, FM)
+    pred = apply_fn(params, cond_table)  # generation is one head call
     assert pred.shape == means.shape and pred.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(pred), np.asarray(means), atol=0.1)
     # the loss is a plain MSE of the head's output (NumPy recomputation)
@@ -253,4 +249,4 @@ def test_clip_mse_head_regresses_the_grid():
     np.testing.assert_allclose(np.asarray(aux["per_sample_loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
     with pytest.raises(ValueError, match="cannot tile"):
-        losses.build_head(cfg).apply({"params": params}, cond_table[:, :3])
+        dit_lib.MSEHead(cfg).apply({"params": params}, cond_table[:, :3])

@@ -1,4 +1,4 @@
-"""Precomputed targets: tools/precompute_targets.py writes companion shards; the pipeline reads them instead of
+"""Precomputed targets: blip3o-precompute (blip3o_jax/precompute.py) writes companion shards; the pipeline reads them instead of
 images; the train step then has no encoder, and gives the same loss as with in-step targets for the same batch.
 
 A small EVA-CLIP target encoder (2 blocks, 56 px -> 4x4 patches -> 2x2x32 grid) over 3 synthetic tar shards, one
@@ -10,9 +10,7 @@ in-step loss.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +19,12 @@ import numpy as np
 import pytest
 
 from blip3o_jax import cli
+from blip3o_jax import precompute as precompute_lib
 from blip3o_jax import sharding as shd
 from blip3o_jax.data import pipeline, synthetic, targets
 from blip3o_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import precompute_targets  # noqa: E402
-
 B = 8
 
 
@@ -69,10 +64,10 @@ def data_dir(tmp_path_factory):
 def written(data_dir, tmp_path_factory):
     """Companions in bf16 next to the shards (two simulated hosts) and in float32 in another directory."""
     config = eva_config(data_dir)
-    summaries = [precompute_targets.precompute(config, batch_size=B, process_index=p, process_count=2, log=print)
+    summaries = [precompute_lib.precompute(config, batch_size=B, process_index=p, process_count=2, log=print)
                  for p in range(2)]
     fp32_dir = str(tmp_path_factory.mktemp("targets_fp32"))
-    fp32 = precompute_targets.precompute(eva_config(data_dir, fp32_dir), batch_size=B, dtype="float32", log=print)
+    fp32 = precompute_lib.precompute(eva_config(data_dir, fp32_dir), batch_size=B, dtype="float32", log=print)
     return dict(config=config, summaries=summaries, fp32_dir=fp32_dir, fp32=fp32)
 
 
@@ -97,7 +92,7 @@ def test_written_per_host_and_resumable(data_dir, written):
     with open(tar0 + ".tmp-99999", "wb") as f:
         f.write(b"partial")
     mtime = os.stat(tar0).st_mtime_ns
-    again = precompute_targets.precompute(written["config"], batch_size=B, log=print)
+    again = precompute_lib.precompute(written["config"], batch_size=B, log=print)
     assert again["shards_skipped"] == 3 and again["shards_done"] == 0
     assert os.stat(tar0).st_mtime_ns == mtime
     # another encoder (different weights) has another fingerprint: nothing matches, nothing is reused

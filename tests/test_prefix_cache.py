@@ -20,6 +20,7 @@ import pytest
 from blip3o_jax import cli
 from blip3o_jax import sharding as shd
 from blip3o_jax.models import prefix_cache
+from blip3o_jax.training import model_setup as ms_lib
 from blip3o_jax.training import optimizer as opt_lib
 from blip3o_jax.training import step as step_lib
 
@@ -155,13 +156,13 @@ def test_prefix_cached_loss_and_gradients_equal_full(make_config):
 def test_auto_query_path_follows_what_trains():
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     frozen = tiny("auto")
-    assert step_lib.model_config(frozen).query_path == "prefix_cache"
+    assert ms_lib.model_config(frozen).query_path == "prefix_cache"
     joint = tiny("auto")
     joint.train.freeze_backbone = False
-    assert step_lib.model_config(joint).query_path == "full"
+    assert ms_lib.model_config(joint).query_path == "full"
     text = tiny("auto")
     text.train.text_loss_weight = 1.0
-    assert step_lib.model_config(text).query_path == "full"
+    assert ms_lib.model_config(text).query_path == "full"
     assert step_lib.make_train_step(frozen, mesh).model_cfg.query_path == "prefix_cache"
 
 
@@ -169,7 +170,7 @@ def test_prefix_cache_with_a_trained_backbone_is_refused():
     config = tiny("prefix_cache")
     config.train.freeze_backbone = False
     with pytest.raises(ValueError, match="frozen"):
-        step_lib.model_config(config)
+        ms_lib.model_config(config)
 
 
 def test_analytic_backbone_saving():

@@ -12,6 +12,7 @@ from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models import qwen
 
 from qwen_reference import CONFIGS, padded_batch, reference, text_state_dict
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,6 @@ def forward_fn(kind, cfg):
         module = models.build(kind, cfg)
         _FORWARD[key] = jax.jit(lambda p, ids, mask, pos: module.apply({"params": p}, ids, mask, pos))
     return _FORWARD[key]
-
-
-def rel_err(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

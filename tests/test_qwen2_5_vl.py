@@ -118,7 +118,7 @@ def test_rope_index_matches_transformers(model):
 def test_logits_match_transformers(model):
     ids, mask, pixels = batch(model.cfg)
     ref = model.reference_logits(ids, mask, pixels, GRIDS)
-    out = qvl.logits(model.module, model.params, ids, mask, pixels, GRIDS)
+    out = generation.qwen2_5_vl_logits(model.module, model.params, ids, mask, pixels, GRIDS)
     real = mask.astype(bool)  # padded rows are garbage on both sides
     assert rel_err(out, ref, real) <= 1e-4
 
@@ -129,9 +129,10 @@ def test_logits_two_images_in_one_row_and_bucket(model):
     pixels = rs.randn(qv.num_patches(GRIDS), model.cfg.vision.patch_dim).astype(np.float32)
     ref = model.reference_logits(ids, mask, pixels, GRIDS)
     real = mask.astype(bool)
-    out = qvl.logits(model.module, model.params, ids, mask, pixels, GRIDS)
+    out = generation.qwen2_5_vl_logits(model.module, model.params, ids, mask, pixels, GRIDS)
     assert rel_err(out, ref, real) <= 1e-4
-    padded = qvl.logits(model.module, model.params, ids, mask, pixels, GRIDS, num_tokens=160, num_windows=48)
+    padded = generation.qwen2_5_vl_logits(model.module, model.params, ids, mask, pixels, GRIDS, num_tokens=160,
+                                          num_windows=48)
     assert rel_err(padded, ref, real) <= 1e-4
 
 
@@ -146,15 +147,14 @@ def test_greedy_generation_matches_transformers(model):
         eos = int(free[0, 6])  # a token row 0 emits: that row stops early and is padded
         ref = model.torch_model.generate(**kw, eos_token_id=eos)[:, L:].numpy()
     ref = np.pad(ref, ((0, 0), (0, 16 - ref.shape[1])))  # transformers stops when every row is done
-    ours = np.asarray(qvl.generate(model.module, model.params, ids, mask, pixels, GRIDS, max_new_tokens=16,
-                                   eos_token_id=eos, pad_token_id=0))
+    ours = np.asarray(generation.qwen2_5_vl_generate(model.module, model.params, ids, mask, pixels, GRIDS,
+                                                     max_new_tokens=16, eos_token_id=eos, pad_token_id=0))
     np.testing.assert_array_equal(ours, ref)
     assert len(set(free.reshape(-1).tolist())) > 4  # the reference decodes something non-trivial
 
     # the test can fail: decoding at 1-D positions without the M-RoPE delta changes the answer
     inputs = qvl.prepare_inputs(model.cfg, ids, mask, GRIDS)
-    embeds = qvl._jitted_embed(model.module)(model.params, jnp.asarray(ids, jnp.int32), pixels,
-                                             inputs["vision_layout"], inputs["image_index"])
+    embeds = generation.qwen2_5_vl_embeddings(model.module, model.params, ids, pixels, inputs)
     no_delta = generation.generate(qwen.build("qwen2_5_vl_text", model.cfg.text), model.params["language_model"],
                                    None, mask, max_new_tokens=16, eos_token_id=None, pad_token_id=0,
                                    inputs_embeds=embeds, positions=inputs["positions"])
@@ -168,7 +168,8 @@ def test_text_only_generation_matches_transformers(model):
     with torch.no_grad():
         ref = model.torch_model.generate(input_ids=tt(ids), attention_mask=tt(mask), max_new_tokens=8,
                                          do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    ours = qvl.generate(model.module, model.params, ids, mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    ours = generation.qwen2_5_vl_generate(model.module, model.params, ids, mask, max_new_tokens=8, eos_token_id=None,
+                                          pad_token_id=0)
     np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
 
@@ -183,8 +184,8 @@ def test_input_errors(model):
     with pytest.raises(ValueError, match="video"):
         qvl.prepare_inputs(model.cfg, np.where(ids == IMAGE, VIDEO, ids), mask, None)
     with pytest.raises(ValueError, match="left-padded"):  # row 0 is shorter: reversed, its padding is on the right
-        qvl.generate(model.module, model.params, ids, mask[:, ::-1], pixels, GRIDS, max_new_tokens=2,
-                     eos_token_id=None, pad_token_id=0)
+        generation.qwen2_5_vl_generate(model.module, model.params, ids, mask[:, ::-1], pixels, GRIDS,
+                                       max_new_tokens=2, eos_token_id=None, pad_token_id=0)
 
 
 def test_config_from_flat_released_layout():
@@ -235,7 +236,7 @@ def test_load_pretrained_and_bf16(model, tmp_path):
     assert {a.dtype for a in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
     ids, mask, pixels = batch(model.cfg)
     ref = model.reference_logits(ids, mask, pixels, GRIDS)
-    out = qvl.logits(module16, params16, ids, mask, pixels, GRIDS)
+    out = generation.qwen2_5_vl_logits(module16, params16, ids, mask, pixels, GRIDS)
     # bf16 weights and activations (8-bit mantissa) through 3 vision + 3 text layers of large random weights: measured
     # 4.4e-2 here; the bound only guards against a broken bf16 path (wrong casts give O(1) errors or NaN)
     assert rel_err(out, ref, mask.astype(bool)) <= 1e-1
@@ -260,7 +261,8 @@ def test_sharded_equals_unsharded(model):
     inputs = qvl.prepare_inputs(model.cfg, ids, mask, GRIDS)
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), inputs["positions"], pixels,
             inputs["vision_layout"], inputs["image_index"])
-    unsharded = np.asarray(qvl._jitted_call(model.module)(model.params, *args), np.float64)
+    unsharded = np.asarray(jax.jit(lambda p, *a: model.module.apply({"params": p}, *a))(model.params, *args),
+                           np.float64)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     abstract = jax.eval_shape(lambda: model.module.init(jax.random.PRNGKey(0), *qvl.init_args(model.cfg)))["params"]
     shardings = sharding.params_shardings(abstract, mesh)

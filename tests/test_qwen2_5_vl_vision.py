@@ -12,6 +12,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from blip3o_jax import convert, models, sharding
 from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models import qwen2_5_vl_vision as qv
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 # Two tiny towers: small patches with 2x2-unit windows, and the real patch/window geometry (14 px, 112 px ->
 # 4x4-unit windows) with a full-attention first block.
@@ -27,10 +28,6 @@ GRIDS = {
     "multi": [[1, 6, 10], [1, 4, 4], [2, 8, 6]],
     "18x10": [[1, 18, 10]],
 }
-
-
-def rel_err(out, ref):
-    return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
 
 
 class Tower:

@@ -25,6 +25,7 @@ from blip3o_jax.convert import sana as sana_rules
 from blip3o_jax.convert.common import ConversionError, abstract_shapes, from_torch_by_rules
 from blip3o_jax.models import registry
 from blip3o_jax.models import sana as sana_lib
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 torch.set_num_threads(2)
 
@@ -57,12 +58,6 @@ CONFIGS = {
 BF16_CONFIG = (dict(TINY, attention_head_dim=16, cross_attention_head_dim=16, cross_attention_dim=32), {}, (8, 8), 6,
                True)
 BATCH = 2
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def assert_close(ours, ref, rel=1e-4, what=""):

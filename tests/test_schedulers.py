@@ -13,6 +13,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowM
 
 from blip3o_jax.diffusion import cfg as cfg_lib
 from blip3o_jax.diffusion import schedulers
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 # the decoder's scheduler_config.json (Emu2-Gen / SDXL layout, with the DDIM-only keys Euler ignores)
 EMU_EULER = {
@@ -57,11 +58,6 @@ SHAPE = (2, 4, 4, 3)  # (B, H, W, C); every update is elementwise, so torch uses
 def ulps(a, b) -> int:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return int(np.max(np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))))
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 # -------------------------------------------------------------------------------------------------------------

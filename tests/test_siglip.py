@@ -11,6 +11,7 @@ from transformers import SiglipConfig, SiglipVisionConfig, SiglipVisionModel
 
 from blip3o_jax import convert, models, sharding
 from blip3o_jax.convert.common import ConversionError
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 # odd grids: 5x5 (image 40, patch 8) and 3x3 (image 21, patch 7)
 HF_CONFIGS = {
@@ -61,10 +62,6 @@ def case(request):
 def apply_fn(cfg):
     module = models.build("siglip_vision", cfg)
     return jax.jit(lambda p, x: module.apply({"params": p}, x))
-
-
-def rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 def test_parity_fp32(case):

@@ -14,9 +14,10 @@ import pytest
 from blip3o_jax import sharding as shd
 from blip3o_jax.training import checkpoint as ckpt_lib
 from blip3o_jax.training import metrics as metrics_lib
+from blip3o_jax.training import model_setup as ms_lib
 from blip3o_jax.training import optimizer as opt_lib
 from blip3o_jax.training import step as step_lib
-from test_blip3o import t2i_batch, tiny_config  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import t2i_batch, tiny_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, NQ = 8, 14, 4
@@ -200,7 +201,7 @@ def test_flops_accounting_matches_the_reference_table():
 
     config = load_config(os.path.join(ROOT, "configs", "blip3o_8b.py"))
     config.model.query_path = "full"  # the reference's recipe: backward through the whole sequence (§5.2)
-    mcfg = step_lib.model_config(config)
+    mcfg = ms_lib.model_config(config)
     flops = metrics_lib.train_flops_per_sample(mcfg, seq_len=512, trainable=("dit", "latent_queries"),
                                                text_loss=False)
     assert 0.42e12 < flops["dit"] < 0.50e12

@@ -23,6 +23,7 @@ from blip3o_jax.convert import common as convert_common
 from blip3o_jax.convert.common import ConversionError
 from blip3o_jax.models import conv_blocks
 from blip3o_jax.models import unet as unet_lib
+from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
 torch.set_num_threads(2)
 
@@ -55,12 +56,6 @@ CONFIGS = {
                        sample_size=16),
                   {"scan_layers": False}, (16, 12), 2),
 }
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def nhwc(t: torch.Tensor) -> jnp.ndarray:

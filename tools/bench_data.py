@@ -9,14 +9,14 @@
             and tokenization, `.shuffle(seed=42)` as the original trainer does, one process
   wds       `webdataset.WebDataset(...).decode("pil")` + the same transform, one process
 
-Same synthetic shards for all (random 400-900 px JPEGs by default; --min-size 1000 --max-size 2000 for
+Same synthetic shards for all (random 400-900 px JPEGs by default; --min_size 1000 --max_size 2000 for
 SA-1B-like photos, where draft mode matters). Reports samples/s in steady
 state (after the first sample/batch), overall samples/s (including start-up), and time to the first batch
 (first sample for the baselines) measured from a cold start (no index / Arrow cache). Last line: one JSON
 object. CPU time per sample (of the measuring process, all threads) is reported too: it is robust to other load on
 the machine, unlike throughput.
 
-  python tools/bench_data.py --num-samples 800 --batch 16 --rounds 2
+  python tools/bench_data.py --num_samples 800 --batch 16 --rounds 2
 """
 from __future__ import annotations
 
@@ -131,13 +131,16 @@ def bench_wds(shards, tok, n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-samples", type=int, default=800)
-    ap.add_argument("--samples-per-shard", type=int, default=250)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--min-size", type=int, default=400)
-    ap.add_argument("--max-size", type=int, default=900)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "blip3o_bench_data"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--num_samples", "--num-samples", type=int, default=800,
+                    help="synthetic samples written for the benchmark")
+    ap.add_argument("--samples_per_shard", "--samples-per-shard", type=int, default=250, help="samples per tar shard")
+    ap.add_argument("--batch", type=int, default=16, help="batch size of every pipeline")
+    ap.add_argument("--min_size", "--min-size", type=int, default=400, help="smallest random image side, px")
+    ap.add_argument("--max_size", "--max-size", type=int, default=900, help="largest random image side, px")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "blip3o_bench_data"),
+                    help="directory for the synthetic shards (reused when present)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; best of them is reported")
     ap.add_argument("--skip", default="", help="comma list of variants to leave out: ours_threads, ours_1core, "
                     "ours_1core_nodraft, webdataset, hf_datasets")

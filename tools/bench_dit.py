@@ -34,25 +34,29 @@ from blip3o_jax.models import dit as dit_lib  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--input-size", type=int, default=8, help="grid side: input_size^2 tokens at patch 1")
-    p.add_argument("--patch-size", type=int, default=1)
-    p.add_argument("--in-channels", type=int, default=512)
-    p.add_argument("--cond-tokens", type=int, default=64)
-    p.add_argument("--cond-dim", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dim", type=int, default=512, help="DiT width")
+    p.add_argument("--layers", type=int, default=8, help="DiT blocks")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--kv_heads", "--kv-heads", type=int, default=None, help="key/value heads (None: as --heads)")
+    p.add_argument("--input_size", "--input-size", type=int, default=8,
+                   help="grid side: input_size^2 tokens at patch 1")
+    p.add_argument("--patch_size", "--patch-size", type=int, default=1, help="DiT patch side")
+    p.add_argument("--in_channels", "--in-channels", type=int, default=512, help="channels of the input grid")
+    p.add_argument("--cond_tokens", "--cond-tokens", type=int, default=64, help="conditioning tokens (query states)")
+    p.add_argument("--cond_dim", "--cond-dim", type=int, default=512, help="width of the conditioning tokens")
+    p.add_argument("--batch", type=int, default=16, help="training batch size")
     p.add_argument("--iters", type=int, default=5, help="timed runs (median reported)")
-    p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--sample-batch", type=int, default=1, help="images per sampling call (the original: 1)")
+    p.add_argument("--sample_steps", "--sample-steps", type=int, default=30,
+                   help="Euler steps of the sampling benchmark")
+    p.add_argument("--sample_batch", "--sample-batch", type=int, default=1,
+                   help="images per sampling call (the original: 1)")
     p.add_argument("--remat", action="store_true", help="rematerialise blocks in ours")
     p.add_argument("--scan", action="store_true",
                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
                         "configs (a scanned step runs ~20%% slower on XLA:CPU)")
-    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--skip_torch", "--skip-torch", action="store_true", help="time ours only (no diffusers reference)")
     return p.parse_args(argv)
 
 

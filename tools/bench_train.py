@@ -15,7 +15,7 @@ backbone forward + activation backward, DiT forward + backward), achieved FLOP/s
 framework's f32 matmul peak measured in the same run. Last line: one JSON object.
 
   python tools/bench_train.py                            # ~2-3 min on 2 CPU cores
-  python tools/bench_train.py --hidden 256 --layers 2 --dit-layers 2 --iters 3
+  python tools/bench_train.py --hidden 256 --layers 2 --dit_layers 2 --iters 3
   python tools/bench_train.py --modes full,prefix,precomputed   # where the FLOPs go (issue 7), ours only
 """
 from __future__ import annotations
@@ -42,24 +42,26 @@ from blip3o_jax.training import step as step_lib  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=63, help="prompt tokens before [IMG] and the query slots")
-    p.add_argument("--n-query", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--dit-dim", type=int, default=512)
-    p.add_argument("--dit-layers", type=int, default=4)
-    p.add_argument("--dit-heads", type=int, default=8)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="global batch size")
+    p.add_argument("--prompt_len", "--prompt-len", type=int, default=63,
+                   help="prompt tokens before [IMG] and the query slots")
+    p.add_argument("--n_query", "--n-query", type=int, default=64, help="latent queries")
+    p.add_argument("--vocab", type=int, default=8192, help="backbone vocabulary size")
+    p.add_argument("--hidden", type=int, default=512, help="backbone width")
+    p.add_argument("--layers", type=int, default=4, help="backbone layers")
+    p.add_argument("--heads", type=int, default=8, help="backbone attention heads")
+    p.add_argument("--kv_heads", "--kv-heads", type=int, default=4, help="backbone key/value heads")
+    p.add_argument("--head_dim", "--head-dim", type=int, default=64, help="backbone head dim")
+    p.add_argument("--intermediate", type=int, default=1536, help="backbone MLP width")
+    p.add_argument("--dit_dim", "--dit-dim", type=int, default=512, help="DiT width")
+    p.add_argument("--dit_layers", "--dit-layers", type=int, default=4, help="DiT blocks")
+    p.add_argument("--dit_heads", "--dit-heads", type=int, default=8, help="DiT attention heads")
     p.add_argument("--grid", type=int, default=8, help="target grid side (grid^2 DiT tokens)")
     p.add_argument("--channels", type=int, default=256, help="target channels (1792 for EVA-CLIP)")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--skip_torch", "--skip-torch", action="store_true", help="time ours only (no PyTorch reference)")
     p.add_argument("--scan", action="store_true",
                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
                         "configs (a scanned step runs ~20%% slower on XLA:CPU)")
@@ -69,9 +71,9 @@ def parse_args(argv=None):
                         "torch. full = full-sequence backbone pass + in-step EVA-CLIP targets; prefix = "
                         "prefix-cached queries + in-step targets; precomputed = prefix-cached queries + targets "
                         "read from the batch (no encoder)")
-    p.add_argument("--image-size", type=int, default=112, help="--modes: EVA input side (patch 14)")
-    p.add_argument("--eva-layers", type=int, default=6, help="--modes: EVA blocks (width = --channels)")
-    p.add_argument("--eva-head-width", type=int, default=64)
+    p.add_argument("--image_size", "--image-size", type=int, default=112, help="--modes: EVA input side (patch 14)")
+    p.add_argument("--eva_layers", "--eva-layers", type=int, default=6, help="--modes: EVA blocks (width = --channels)")
+    p.add_argument("--eva_head_width", "--eva-head-width", type=int, default=64, help="--modes: EVA head width")
     return p.parse_args(argv)
 
 
@@ -191,7 +193,7 @@ def make_mode_config(a, mode: str) -> ml_collections.ConfigDict:
     if target == "eva_clip":
         side = a.image_size // 14
         if side % a.grid:
-            raise SystemExit(f"--image-size {a.image_size} gives {side}x{side} patches, not a multiple of --grid")
+            raise SystemExit(f"--image_size {a.image_size} gives {side}x{side} patches, not a multiple of --grid")
         c.model.gen_encoder_kind = "eva_clip"
         c.model.gen_encoder = dict(image_size=a.image_size, patch_size=14, width=a.channels, layers=a.eva_layers,
                                    head_width=a.eva_head_width, mlp_ratio=4.0, pool_stride=side // a.grid)

@@ -5,7 +5,7 @@
           tests/test_eva_clip.py; attention through torch SDPA, the CPU counterpart of the original's xformers
           kernel), same weights.
   siglip  blip3o_jax.models.siglip vs transformers' SiglipVisionModel (sdpa), same weights, last-layer output
-          (`--siglip-depth 0` skips it).
+          (`--siglip_depth 0` skips it).
 
 Reports images/s after warm-up (median of --iters rounds that alternate ours and the reference, so load on a shared
 machine hits both alike; block_until_ready), the median per-round speedup, first-call (compile) time, analytic
@@ -127,20 +127,22 @@ def bench_siglip(args, torch):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--head-width", type=int, default=64)
-    ap.add_argument("--mlp-ratio", type=float, default=8.571428571428571)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--patch", type=int, default=14)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--width", type=int, default=768, help="EVA-CLIP width")
+    ap.add_argument("--depth", type=int, default=12, help="EVA-CLIP blocks")
+    ap.add_argument("--head_width", "--head-width", type=int, default=64, help="EVA-CLIP head width")
+    ap.add_argument("--mlp_ratio", "--mlp-ratio", type=float, default=8.571428571428571,
+                    help="EVA-CLIP MLP width / width")
+    ap.add_argument("--image_size", "--image-size", type=int, default=224, help="EVA-CLIP input side, px")
+    ap.add_argument("--patch", type=int, default=14, help="EVA-CLIP patch side, px")
+    ap.add_argument("--batch", type=int, default=4, help="images per call")
+    ap.add_argument("--iters", type=int, default=3, help="timed calls (median reported)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="ours; the reference is f32")
-    ap.add_argument("--siglip-depth", type=int, default=6, help="0 skips the SigLIP comparison")
-    ap.add_argument("--siglip-mlp", type=int, default=3072)
-    ap.add_argument("--siglip-image-size", type=int, default=224)
-    ap.add_argument("--siglip-patch", type=int, default=16)
+    ap.add_argument("--siglip_depth", "--siglip-depth", type=int, default=6, help="0 skips the SigLIP comparison")
+    ap.add_argument("--siglip_mlp", "--siglip-mlp", type=int, default=3072, help="SigLIP MLP width")
+    ap.add_argument("--siglip_image_size", "--siglip-image-size", type=int, default=224, help="SigLIP input side, px")
+    ap.add_argument("--siglip_patch", "--siglip-patch", type=int, default=16, help="SigLIP patch side, px")
     args = ap.parse_args()
 
     import torch

@@ -35,7 +35,9 @@ class TransformConfig:
     max_aspect_ratio: float = 20.0
     jpeg_draft: bool = True
     und_image_size: int = 448  # understanding images: resize + centre crop, then Qwen2.5-VL patches (§1.2)
+    # Qwen2.5-VL patch geometry (the tower's config: patch_size, temporal_patch_size, spatial_merge_size)
     und_patch_size: int = 14
+    und_temporal_patch_size: int = 2
     und_merge_size: int = 2
     i2t_question: str = "Describe the image."  # used when an image-to-text sample has a caption, not a dialogue
     # (g, g, C): text-to-image samples carry a precomputed target grid (data/targets.py) instead of an image
@@ -57,6 +59,31 @@ class TransformConfig:
     @property
     def und_num_tokens(self) -> int:
         return self.und_num_patches // self.und_merge_size ** 2
+
+    @property
+    def und_patch_dim(self) -> int:
+        """Values per Qwen2.5-VL patch: RGB x temporal x patch x patch (1176 for the release's 14 px patches)."""
+        return 3 * self.und_temporal_patch_size * self.und_patch_size ** 2
+
+    @classmethod
+    def from_data_config(cls, d, **fields) -> "TransformConfig":
+        """From a `data` config section (data/pipeline.py `default_config`); `fields` override or add (e.g. the
+        understanding tower's patch geometry). A key the section leaves out keeps this class's default."""
+        def get(key):
+            try:
+                v = d[key]
+            except (KeyError, AttributeError, TypeError):
+                return None
+            return v
+
+        names = {"seq_buckets": lambda v: tuple(int(n) for n in v), "n_query": int, "gen_image_size": int,
+                 "und_image_size": int, "prompt_format": str, "system_prompt": str, "min_image_size": int,
+                 "max_aspect_ratio": float, "jpeg_draft": bool, "target_dtype": str,
+                 "target_shape": lambda v: tuple(int(n) for n in v)}
+        out = {k: cast(get(k)) for k, cast in names.items() if get(k) is not None}
+        if get("tokens") is not None:
+            out["token_names"] = prompts.TokenNames.from_config(get("tokens"))
+        return cls(**{**out, **fields})
 
     def validate(self):
         if self.und_image_size % (self.und_patch_size * self.und_merge_size):
@@ -178,7 +205,8 @@ class SampleTransform:
 
             s = cfg.und_image_size
             patches, grid = pp.qwen2_5_vl_preprocess(Image.fromarray(square), min_pixels=s * s, max_pixels=s * s,
-                                                     patch_size=cfg.und_patch_size, merge_size=cfg.und_merge_size)
+                                                     patch_size=cfg.und_patch_size, merge_size=cfg.und_merge_size,
+                                                     temporal_patch_size=cfg.und_temporal_patch_size)
         except pp.BadImageError as e:
             raise _bad(raw, "undecodable_image", str(e), source) from None
         ids, target = self._conversation(raw, conv, cfg.und_num_tokens, source)
@@ -207,8 +235,15 @@ class SampleTransform:
         return ids, target
 
 
+# fields of the batch schema for the host only (bookkeeping, metrics); the train step consumes every other field
+HOST_FIELDS = ("source_id", "record_id", "prompt_length", "und_grid_thw")
+
+
 def batch_schema(cfg: TransformConfig, tasks: Sequence[str], batch_size: int) -> dict[str, tuple]:
-    """{field: (shape with L for the bucket length, dtype)} of the batches for a set of tasks (static)."""
+    """{field: (shape with L for the bucket length, dtype)} of the batches for a set of tasks (static).
+
+    The one description of a batch: the data pipeline collates into it, and the train step's input layout is
+    `step_schema` of it (training/step.py `batch_spec`)."""
     b = batch_size
     schema = {
         "input_ids": ((b, "L"), np.int32),
@@ -233,12 +268,22 @@ def batch_schema(cfg: TransformConfig, tasks: Sequence[str], batch_size: int) ->
         schema["labels"] = ((b, "L"), np.int32)
         schema["loss_mask"] = ((b, "L"), np.int32)
     if "i2t" in tasks:
-        patch_dim = 3 * 2 * cfg.und_patch_size ** 2
-        schema["und_patches"] = ((b, cfg.und_num_patches, patch_dim), np.float32)
+        schema["und_patches"] = ((b, cfg.und_num_patches, cfg.und_patch_dim), np.float32)
         schema["und_grid_thw"] = ((b, 3), np.int32)
         schema["und_index"] = ((b, cfg.und_num_tokens), np.int32)
         schema["mrope_positions"] = ((b, 3, "L"), np.int32)
     return schema
+
+
+def step_schema(cfg: TransformConfig, tasks: Sequence[str], batch_size: int, *, seq_len: int,
+                understanding: bool = True) -> dict[str, tuple]:
+    """{field: (shape, dtype)} of the batch fields a train step consumes, at sequence length `seq_len`: the batch
+    schema without the host-only fields (and without the understanding inputs when the model has no understanding
+    tower: its image-to-text rows are then text rows)."""
+    und = ("und_patches", "und_index", "mrope_positions")
+    return {k: (tuple(seq_len if n == "L" else n for n in shape), dtype)
+            for k, (shape, dtype) in batch_schema(cfg, tasks, batch_size).items()
+            if k not in HOST_FIELDS and (understanding or k not in und)}
 
 
 class Collator:

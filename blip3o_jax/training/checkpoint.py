@@ -20,8 +20,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,13 +43,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by kill -9
         )
-        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-        try:
-            import grain
-
-            handlers["data"] = grain.checkpoint.CheckpointHandler()
-        except Exception:  # noqa: BLE001  (grain missing: no data item)
-            pass
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
                                              options=options)
 
@@ -60,8 +55,6 @@ class Checkpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state, *, data_iterator=None, config: dict | None = None) -> None:
-        import grain
-
         items = {"state": ocp.args.StandardSave(_as_tree(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -71,8 +64,6 @@ class Checkpointer:
 
     def restore(self, step: int | None, abstract_state, *, data_iterator=None):
         """The state at `step` (latest when None) laid out as `abstract_state` says; restores the iterator in place."""
-        import grain
-
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -106,11 +97,6 @@ def _from_tree(tree, like):
     if dataclasses.is_dataclass(like):
         return like.replace(**tree)
     return tree
-
-
-def abstract_with_shardings(tree, shardings):
-    """ShapeDtypeStructs carrying the target shardings: the restore target for any mesh."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,7 +165,7 @@ class PreemptionWatcher:
             return tuple(bool(f) for f in flags)
         from jax.experimental import multihost_utils
 
-        with contextlib.suppress(Exception):  # the preemption service is not initialised
+        with contextlib.suppress(RuntimeError):  # the preemption service is not initialised
             flags[0] = flags[0] or bool(multihost_utils.reached_preemption_sync_point(step))
         gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
         return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).any(axis=0))

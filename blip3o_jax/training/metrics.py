@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Mapping
 
 import jax
@@ -140,12 +139,9 @@ class MetricWriter:
 
 
 def _print(line: str) -> None:
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm  # writes above a progress bar instead of through it
 
-        tqdm.write(line, file=sys.stdout)
-    except Exception:  # noqa: BLE001
-        print(line, flush=True)
+    tqdm.write(line, file=sys.stdout)
 
 
 def _to_python(v):
@@ -161,15 +157,3 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-class StepTimer:
-    """Wall time between consecutive completed steps (read on the host with a one-step lag, see train.py)."""
-
-    def __init__(self):
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.last = now - self.last, now
-        return dt

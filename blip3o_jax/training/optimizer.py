@@ -6,10 +6,10 @@ The release trains with HF Trainer's AdamW (β 0.9/0.999, eps 1e-8, weight decay
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import optax
+
+from blip3o_jax.training import defaults
 
 # Top-level parameter groups of the BLIP3-o model (see models/blip3o.py) and when each one trains.
 ALWAYS_TRAINABLE = ("latent_queries", "dit", "mse_head")  # the release trains these (reference §3.3)
@@ -41,10 +41,11 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """`cfg` = config.train: lr, min_lr, schedule (cosine|constant|linear), warmup_steps or warmup_ratio, total_steps."""
     total = int(cfg.total_steps)
-    warmup = int(cfg.get("warmup_steps", 0) or round(float(cfg.get("warmup_ratio", 0.0)) * total))
+    option = lambda key: defaults.value(cfg, "train", key)  # noqa: E731
+    warmup = int(option("warmup_steps") or round(float(option("warmup_ratio")) * total))
     warmup = min(warmup, total)
-    lr, min_lr = float(cfg.lr), float(cfg.get("min_lr", 0.0))
-    kind = cfg.get("schedule", "cosine")
+    lr, min_lr = float(cfg.lr), float(option("min_lr"))
+    kind = option("schedule")
     if kind == "cosine":
         # HF `cosine_with_min_lr`: linear 0 -> lr over `warmup` steps, then half a cosine from lr to min_lr.
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), min_lr)
@@ -61,22 +62,19 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; `cfg` = config.train."""
     schedule = learning_rate_schedule(cfg)
+    option = lambda key: defaults.value(cfg, "train", key)  # noqa: E731
     parts = []
-    if cfg.get("grad_clip_norm", 1.0):
-        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
+    if option("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(float(option("grad_clip_norm"))))
     parts.append(
         optax.adamw(
             schedule,
-            b1=float(cfg.get("b1", 0.9)),
-            b2=float(cfg.get("b2", 0.999)),
-            eps=float(cfg.get("eps", 1e-8)),
-            weight_decay=float(cfg.get("weight_decay", 0.0)),
+            b1=float(option("b1")),
+            b2=float(option("b2")),
+            eps=float(option("eps")),
+            weight_decay=float(option("weight_decay")),
             # no decay on 1-D params (norm scales, biases) and the latent queries, as is usual with AdamW
             mask=lambda p: jax.tree.map(lambda x: getattr(x, "ndim", 0) > 1, p),
         )
     )
     return optax.chain(*parts), schedule
-
-
-def global_norm(tree: Any):
-    return optax.tree.norm(tree)
