@@ -2,7 +2,13 @@
 
 The whole loop is one compiled function per (model, batch, prompt length, max_new_tokens, greedy or sampling, number
 of EOS ids); it stops as soon as every row has produced an EOS. Transformers' eager `generate` pays Python overhead
-per token (reference: performance.md, "Decode"); here a step is one XLA call with a preallocated cache.
+per token; here a step is one XLA call with a preallocated cache.
+
+Also the host side of the full Qwen2.5-VL (`models/qwen2_5_vl.py`): `qwen2_5_vl_logits` and image-to-text
+`qwen2_5_vl_generate`, which compute the M-RoPE positions and image slots on the host and run the jitted model.
+
+The jitted functions take the Flax module as a static argument (modules are hashable dataclasses), so JAX's own
+cache reuses a compilation for every call with an equal module and equal shapes; nothing else is cached here.
 """
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blip3o_jax.models import layers
 from blip3o_jax.models import qwen
+from blip3o_jax.models import qwen2_5_vl as qvl
 
 
 def sample_top_p(logits, rng, temperature, top_p):
@@ -28,9 +36,10 @@ def sample_top_p(logits, rng, temperature, top_p):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_generate(module, max_new_tokens: int, sample: bool):
-    """One jitted program per (module, max_new_tokens, greedy/sampling); shapes retrace inside jax.jit as usual.
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sample"))
+def _generate(module, max_new_tokens: int, sample: bool, params, input_ids, attention_mask, inputs_embeds, positions,
+              position_offsets, rng, temperature, top_p, eos, pad_token_id):
+    """The prefill and the decode loop, compiled once per (module, max_new_tokens, greedy/sampling) and shapes.
     EOS/pad ids, temperature and top_p are traced values, so changing them never recompiles."""
     cfg = module.cfg
     cache_dtype = layers.to_dtype(cfg.dtype)
@@ -40,49 +49,45 @@ def _compiled_generate(module, max_new_tokens: int, sample: bool):
             return sample_top_p(logits, rng, temperature, top_p)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def run(params, input_ids, attention_mask, inputs_embeds, positions, position_offsets, rng, temperature, top_p,
-            eos, pad_token_id):
-        variables = {"params": params}
-        B, L = attention_mask.shape
-        attention_mask = attention_mask.astype(jnp.int32)
-        if positions is None:
-            positions = qwen.default_positions(attention_mask)
-        if position_offsets is None:
-            position_offsets = jnp.sum(attention_mask, axis=-1)  # next position after the last real token
-        position_offsets = position_offsets.astype(jnp.int32)
-        cache = qwen.init_cache(cfg, B, L + max_new_tokens, cache_dtype)
-        # prefill: the prompt is left-padded, so column L-1 holds every row's last real token
-        hidden, _, cache = module.apply(
-            variables, None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask, positions=positions, cache=cache, compute_logits=False,
-            method=module.forward,
+    variables = {"params": params}
+    B, L = attention_mask.shape
+    attention_mask = attention_mask.astype(jnp.int32)
+    if positions is None:
+        positions = qwen.default_positions(attention_mask)
+    if position_offsets is None:
+        position_offsets = jnp.sum(attention_mask, axis=-1)  # next position after the last real token
+    position_offsets = position_offsets.astype(jnp.int32)
+    cache = qwen.init_cache(cfg, B, L + max_new_tokens, cache_dtype)
+    # prefill: the prompt is left-padded, so column L-1 holds every row's last real token
+    hidden, _, cache = module.apply(
+        variables, None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask, positions=positions, cache=cache, compute_logits=False,
+        method=module.forward,
+    )
+    logits = module.apply(variables, hidden[:, -1:], method=module.lm_logits)[:, 0]
+    rng, key = jax.random.split(rng)
+    token = select(logits, key, temperature, top_p)
+    done = jnp.isin(token, eos)
+    tokens = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+
+    def cond(state):
+        step, _, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, cache, last, done, rng = state
+        _, logits, cache = module.apply(
+            variables, last[:, None], attention_mask=jnp.ones((B, 1), jnp.int32),
+            positions=(position_offsets + step - 1)[:, None], cache=cache, method=module.forward,
         )
-        logits = module.apply(variables, hidden[:, -1:], method=module.lm_logits)[:, 0]
         rng, key = jax.random.split(rng)
-        token = select(logits, key, temperature, top_p)
-        done = jnp.isin(token, eos)
-        tokens = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+        token = select(logits[:, -1], key, temperature, top_p)
+        token = jnp.where(done, pad_token_id, token)  # finished rows emit padding, as transformers does
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        return step + 1, tokens, cache, token, done | jnp.isin(token, eos), rng
 
-        def cond(state):
-            step, _, _, _, done, _ = state
-            return (step < max_new_tokens) & ~jnp.all(done)
-
-        def body(state):
-            step, tokens, cache, last, done, rng = state
-            _, logits, cache = module.apply(
-                variables, last[:, None], attention_mask=jnp.ones((B, 1), jnp.int32),
-                positions=(position_offsets + step - 1)[:, None], cache=cache, method=module.forward,
-            )
-            rng, key = jax.random.split(rng)
-            token = select(logits[:, -1], key, temperature, top_p)
-            token = jnp.where(done, pad_token_id, token)  # finished rows emit padding, as transformers does
-            tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-            return step + 1, tokens, cache, token, done | jnp.isin(token, eos), rng
-
-        state = (jnp.int32(1), tokens, cache, token, done, rng)
-        return jax.lax.while_loop(cond, body, state)[1]
-
-    return jax.jit(run)
+    state = (jnp.int32(1), tokens, cache, token, done, rng)
+    return jax.lax.while_loop(cond, body, state)[1]
 
 
 def generate(
@@ -120,10 +125,12 @@ def generate(
     sample = temperature is not None and float(temperature) > 0
     if sample and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
-    fn = _compiled_generate(module, int(max_new_tokens), sample)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     attention_mask = jnp.asarray(attention_mask)
-    return fn(
+    return _generate(
+        module,
+        int(max_new_tokens),
+        sample,
         params,
         None if input_ids is None else jnp.asarray(input_ids),
         attention_mask,
@@ -135,4 +142,70 @@ def generate(
         jnp.float32(top_p),
         jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32),  # -1 never matches a token
         jnp.int32(pad_token_id),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL (images in the prompt): logits and image-to-text generation
+
+
+@functools.partial(jax.jit, static_argnames="module")
+def _qwen2_5_vl_apply(module, params, input_ids, attention_mask, positions, pixel_values, vision_layout, image_index):
+    return module.apply({"params": params}, input_ids, attention_mask, positions, pixel_values, vision_layout,
+                        image_index)
+
+
+@functools.partial(jax.jit, static_argnames="module")
+def _qwen2_5_vl_embed(module, params, input_ids, pixel_values, vision_layout, image_index):
+    return module.apply({"params": params}, input_ids, pixel_values, vision_layout, image_index,
+                        method=module.embed_inputs)
+
+
+def qwen2_5_vl_logits(module: qvl.Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask=None,
+                      pixel_values=None, image_grid_thw=None, **bucket):
+    """fp32 logits (B, L, V) for ids (+ images), with positions computed as transformers does; `bucket`
+    (num_tokens, num_windows) pads the vision tower (`qwen2_5_vl.prepare_inputs`)."""
+    cfg = module.cfg
+    attention_mask = np.ones(np.shape(input_ids), np.int32) if attention_mask is None else np.asarray(attention_mask)
+    inputs = qvl.prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, **bucket)
+    if pixel_values is not None:
+        pixel_values = qvl.pad_pixels(pixel_values, inputs["vision_layout"])
+    return _qwen2_5_vl_apply(module, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                             inputs["positions"], pixel_values, inputs["vision_layout"], inputs["image_index"])
+
+
+def qwen2_5_vl_embeddings(module: qvl.Qwen2_5_VLForConditionalGeneration, params, input_ids, pixel_values, inputs):
+    """(B, L, D) token embeddings with the image features in the `<|image_pad|>` slots; `inputs` from
+    `qwen2_5_vl.prepare_inputs` (pixel rows padded to its vision layout here)."""
+    if pixel_values is not None:
+        pixel_values = qvl.pad_pixels(pixel_values, inputs["vision_layout"])
+    return _qwen2_5_vl_embed(module, params, jnp.asarray(input_ids, jnp.int32), pixel_values, inputs["vision_layout"],
+                             inputs["image_index"])
+
+
+def qwen2_5_vl_generate(module: qvl.Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask=None,
+                        pixel_values=None, image_grid_thw=None, *, max_new_tokens: int, eos_token_id,
+                        pad_token_id: int, temperature: float = 0.0, top_p: float = 1.0, rng=None,
+                        num_tokens: int | None = None, num_windows: int | None = None):
+    """New tokens (B, max_new_tokens) for left-padded prompts with images (answer a question about an image).
+
+    The prefill sees the spliced embeddings at their M-RoPE positions; decode step s sits at the prompt's last
+    position + 1 + s on all three axes (transformers: `rope_deltas` + cache position).
+    """
+    cfg = module.cfg
+    input_ids = np.asarray(input_ids)
+    attention_mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if not attention_mask[:, -1].all():
+        raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] must be 1 for every row)")
+    inputs = qvl.prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, num_tokens=num_tokens,
+                                num_windows=num_windows)
+    last = inputs["positions"][:, :, -1]  # (3, B)
+    if not (last == last[0]).all():
+        raise ValueError("generate: a prompt ends with an image token; end it with text (e.g. <|vision_end|>)")
+    embeds = qwen2_5_vl_embeddings(module, params, input_ids, pixel_values, inputs)
+    text_module = qwen.build("qwen2_5_vl_text", cfg.text)
+    return generate(
+        text_module, params["language_model"], None, attention_mask, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, rng=rng,
+        inputs_embeds=embeds, positions=inputs["positions"], position_offsets=last[0] + 1,
     )

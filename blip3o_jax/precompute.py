@@ -104,12 +104,13 @@ def _encoder_setup(config, mesh):
     import jax
     import jax.numpy as jnp
 
+    from blip3o_jax.models import blip3o as blip3o_lib
     from blip3o_jax.training import model_setup as ms_lib
 
     ms = ms_lib.model_setup(config, mesh)
     if ms.model_cfg.target == "pixels":
         raise ValueError("model.target='pixels' is the image itself: nothing to precompute")
-    if ms.model_cfg.target != "eva_clip":
+    if ms.model_cfg.target not in blip3o_lib.ENCODER_TARGETS:
         raise ValueError(f"model.target={ms.model_cfg.target!r}: nothing to precompute (expected an encoder target)")
     enc, weights = _encoder_params(config, ms)
     queries = ms.abstract_trainable["latent_queries"]  # declared by the module's setup; unused here

@@ -37,17 +37,27 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
 
-# Qwen2.5-VL's preprocessor_config.json (reference §1.2)
+# Qwen2.5-VL's preprocessor_config.json (reference §1.2): its patches are normalised here, on the host
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # 12,845,056
+QWEN_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's
+QWEN_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The EVA-CLIP and SigLIP towers normalise their uint8 inputs on the device, so their constants live with them
+# (models/eva_clip.py, models/siglip.py). Re-exported here on first access only: importing this module must not
+# import JAX (data workers).
+_TOWER_CONSTANTS = {"CLIP_MEAN": "eva_clip", "CLIP_STD": "eva_clip", "SIGLIP_MEAN": "siglip", "SIGLIP_STD": "siglip"}
+
+
+def __getattr__(name: str):
+    if name in _TOWER_CONSTANTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"blip3o_jax.models.{_TOWER_CONSTANTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BadImageError(ValueError):
@@ -288,8 +298,8 @@ def qwen2_5_vl_preprocess(
     temporal_patch_size: int = 2,
     merge_size: int = 2,
     resample=BICUBIC,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
+    mean: Sequence[float] = QWEN_IMAGE_MEAN,
+    std: Sequence[float] = QWEN_IMAGE_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """== transformers' Qwen2VLImageProcessor on one image: (patches float32 (N, 1176), grid_thw int64 (3,))."""
     w, h = img.size

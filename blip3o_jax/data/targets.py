@@ -1,8 +1,9 @@
 """Precomputed generation targets: companion tar shards next to the image shards, their writer and reader.
 
-The frozen target encoder (EVA-CLIP-E/14+ in the release) costs ~9.4 TFLOPs per image and is re-run on every
-epoch in the original (reference §5.2); its output for one image never changes. `tools/precompute_targets.py`
-runs it once over the image shards and writes, for every shard `DIR/name.tar`, a companion pair:
+The frozen target encoder (EVA-CLIP-E/14+ in the release, ~9.4 TFLOPs per image, re-run on every epoch in the
+original; or the VAE encoder of `model.target="vae"`) gives one image the same grid every time.
+`tools/precompute_targets.py` runs it once over the image shards and writes, for every shard `DIR/name.tar`, a
+companion pair:
 
     DIR/name.targets.tar    one member `<key>.target.npy` per sample, same keys and order as the image shard:
                             the (g, g, C) target grid (8x8x1792 for the release) as .npy, bfloat16 stored as its

@@ -5,9 +5,14 @@ the query slots go through the (frozen) backbone; the final-norm hidden states *
 the DiT's condition. The DiT predicts the flow-matching velocity of the target grid:
 - `eva_clip`: 8x8x1792 EVA-CLIP-E/14+ features of the 448 px image (the release, §1.3), computed by the frozen
   `gen_encoder` in a no-grad function of the train step;
-- `precomputed`: the same grid read from the data (no encoder in the step);
+- `vae`: the latents of a frozen KL autoencoder (`gen_encoder` of kind `autoencoder_kl`): the mode of its
+  posterior, normalised as diffusers pipelines feed latents to their denoiser (the original README's "VAE + flow
+  matching" variant); the DiT patchifies the (S/f, S/f, latent_channels) grid;
+- `precomputed`: an encoder's grid read from the data (no encoder in the step);
 - `pixels`: the image itself in [-1, 1], which the DiT patchifies (tiny CPU configs: the demo turns samples into
   pixels without a second decoder).
+Each in-step target is computed by one module (`TARGET_MODULES`) whose `targets(uint8 images)` owns the
+normalisation, the encoder and the pooling; `Blip3o.targets` only dispatches to it.
 
 Groups of parameters (top-level keys; trainable ones per `training/optimizer.py`): `backbone`, `latent_queries`,
 `dit`, `mse_head` (clip_mse loss), `gen_encoder` (frozen target encoder), `visual` + `mm_projector` (understanding
@@ -25,13 +30,61 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from blip3o_jax.models import autoencoder_kl, eva_clip, layers, prefix_cache, registry
 from blip3o_jax.models import dit as dit_lib
-from blip3o_jax.models import layers, registry
 from blip3o_jax.models import qwen as qwen_lib
+from blip3o_jax.models import qwen2_5_vl_vision as qv
 
+
+class PixelTargets(nn.Module):
+    """target='pixels': the generation image itself in [-1, 1]; no parameters."""
+
+    def targets(self, images):
+        return images.astype(jnp.float32) / 127.5 - 1.0
+
+    def target_shape(self, image_size: int) -> tuple[int, int, int]:
+        return (image_size, image_size, 3)
+
+
+class VAELatentTargets(autoencoder_kl.AutoencoderKL):
+    """target='vae': an `AutoencoderKL` (the same parameters) whose `targets` are the latents a diffusers pipeline
+    denoises: the encoder's mean of the image in [-1, 1] (the posterior's mode, so the targets are deterministic
+    and can be precomputed), normalised as the pipelines do before denoising: (mean - latents_mean) *
+    scaling_factor / latents_std when the config has per-channel statistics (`StableDiffusionXLImg2ImgPipeline.
+    prepare_latents`), else (mean - shift_factor) * scaling_factor (SD3 / Flux; no shift when unset)."""
+
+    def targets(self, images):
+        cfg = self.cfg
+        mean, _ = self.encode(images.astype(jnp.float32) / 127.5 - 1.0)  # (B, S/f, S/f, latent_channels) fp32
+        if self.is_initializing():  # declare the decoder too: the group is the whole VAE, as it is converted
+            self.decode(mean)
+        if cfg.latents_mean is not None and cfg.latents_std is not None:
+            stat = lambda v: jnp.asarray(v, jnp.float32).reshape(-1)  # noqa: E731  (per latent channel)
+            return (mean - stat(cfg.latents_mean)) * cfg.scaling_factor / stat(cfg.latents_std)
+        return (mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def target_shape(self, image_size: int) -> tuple[int, int, int]:
+        f = self.cfg.downsample_factor
+        if image_size % f:
+            raise ValueError(f"autoencoder_kl: the generation image ({image_size} px) is not a multiple of the VAE's "
+                             f"downsampling factor {f}")
+        return (image_size // f, image_size // f, self.cfg.latent_channels)
+
+
+# The targets computed in the step from the uint8 generation image: target -> (the `gen_encoder_kind` it needs, or
+# None; the module that computes it, built from the `gen_encoder` config). The module's `targets(images (B, S, S, 3)
+# uint8) -> (B, g, g, C) fp32` owns its normalisation and pooling; `target_shape(S) -> (g, g, C)` answers from the
+# config alone. A new target kind is one entry here.
+TARGET_MODULES = {
+    "eva_clip": ("eva_clip", eva_clip.EvaVisionTransformer),
+    "vae": ("autoencoder_kl", VAELatentTargets),
+    "pixels": (None, lambda _: PixelTargets()),
+}
+ENCODER_TARGETS = tuple(t for t, (kind, _) in TARGET_MODULES.items() if kind is not None)  # what can be precomputed
+TARGETS = (*TARGET_MODULES, "precomputed")
 BACKBONE_KINDS = ("qwen2", "qwen2_5_vl_text", "qwen3")
-TARGETS = ("eva_clip", "precomputed", "pixels")
 LOSSES = ("clip_fm", "clip_mse")
 # how the backbone computes the query states: "full" (the whole sequence with the queries in place, differentiable
 # everywhere), "prefix_cache" (the prompt once without gradient into a KV cache, then only the queries; exact for a
@@ -48,11 +101,11 @@ class Blip3oConfig:
     dit: dit_lib.DiTConfig = dataclasses.field(default_factory=dit_lib.DiTConfig)
     n_query: int = 64  # latent queries (reference §1.4)
     query_init_std: float = 1.0  # torch.randn as the original (§7.19: keep for checkpoint compatibility)
-    target: str = "eva_clip"  # eva_clip | precomputed | pixels
-    gen_encoder_kind: str | None = "eva_clip"
-    gen_encoder: Any = None  # the encoder's config dataclass (models/eva_clip.py)
+    target: str = "eva_clip"  # eva_clip | vae | precomputed | pixels
+    gen_encoder_kind: str | None = "eva_clip"  # the kind TARGET_MODULES names for the target
+    gen_encoder: Any = None  # the encoder's config dataclass (models/eva_clip.py, models/autoencoder_kl.py)
     image_size: int = 448  # side of the generation image the data delivers
-    target_grid: int = 8  # side of the DiT's input grid: 8 (pooled EVA features) or image_size (pixels)
+    target_grid: int = 8  # side of the DiT's input grid: 8 (pooled EVA features), S/f (VAE), image_size (pixels)
     target_channels: int = 1792  # channels of the DiT's input grid
     loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly, §3.1)
     query_path: str = "full"  # full | prefix_cache | auto (see QUERY_PATHS)
@@ -81,10 +134,17 @@ class Blip3oConfig:
                 f"the DiT expects ({self.dit.input_size}, {self.dit.input_size}, {self.dit.in_channels}) inputs but "
                 f"the target grid is ({self.target_grid}, {self.target_grid}, {self.target_channels})"
             )
-        if self.target == "pixels" and (self.target_grid != self.image_size or self.target_channels != 3):
-            raise ValueError("target='pixels' needs target_grid == image_size and target_channels == 3")
-        if self.target == "eva_clip" and self.gen_encoder is None:
-            raise ValueError("target='eva_clip' needs a gen_encoder config")
+        if self.target in TARGET_MODULES:
+            kind = TARGET_MODULES[self.target][0]
+            if kind is not None and self.gen_encoder_kind != kind:
+                raise ValueError(f"target={self.target!r} is computed by a gen_encoder of kind {kind!r}, but "
+                                 f"gen_encoder_kind={self.gen_encoder_kind!r}")
+            if kind is not None and self.gen_encoder is None:
+                raise ValueError(f"target={self.target!r} needs a gen_encoder config")
+            shape = target_module(self).target_shape(self.image_size)
+            if tuple(shape) != self.target_shape:
+                raise ValueError(f"target={self.target!r} makes {tuple(shape)} grids of the {self.image_size} px "
+                                 f"image, but target_grid/target_channels (the DiT's input) are {self.target_shape}")
         if self.und_tower_kind not in UND_TOWERS:
             raise ValueError(f"Blip3oConfig.und_tower_kind={self.und_tower_kind!r}; expected one of {UND_TOWERS}")
         if self.und_tower_kind is not None and self.und_tower is None:
@@ -93,6 +153,13 @@ class Blip3oConfig:
     @property
     def target_shape(self) -> tuple[int, int, int]:
         return (self.target_grid, self.target_grid, self.target_channels)
+
+
+def target_module(cfg: Blip3oConfig) -> nn.Module:
+    """The module that computes `cfg.target` from the generation image (an unbound module, see TARGET_MODULES)."""
+    if cfg.target not in TARGET_MODULES:
+        raise ValueError(f"target {cfg.target!r} comes precomputed from the data, not from images")
+    return TARGET_MODULES[cfg.target][1](cfg.gen_encoder)
 
 
 def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
@@ -109,19 +176,18 @@ def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
         dit_cfg = dict(hf["dit"])
         dit_cfg.setdefault("latent_embedding_size", backbone.hidden_size)
         dit = dit_lib.config_from_hf("dit", dit_cfg)
+        # the encoder kind defaults to the one the target needs (eva_clip for the release)
+        needed_kind = TARGET_MODULES.get(hf.get("target", "eva_clip"), (None,))[0]
+        gen_kind = hf.get("gen_encoder_kind") or needed_kind or "eva_clip"
         gen_encoder = None
-        gen_kind = hf.get("gen_encoder_kind", "eva_clip")
-        if hf.get("target", "eva_clip") == "eva_clip" and hf.get("gen_encoder") is not None:
-            from blip3o_jax import models
-
-            gen_encoder = models.config_from_hf(gen_kind, dict(hf["gen_encoder"]))
+        if needed_kind is not None and hf.get("gen_encoder") is not None:
+            gen_encoder = registry.get(gen_kind).config_from_hf(dict(hf["gen_encoder"]))
         und_tower = None
         if hf.get("und_tower_kind"):
-            from blip3o_jax import models
-
-            und_tower = models.config_from_hf(hf["und_tower_kind"], dict(hf["und_tower"]))
+            und_tower = registry.get(hf["und_tower_kind"]).config_from_hf(dict(hf["und_tower"]))
         fields = {f.name for f in dataclasses.fields(Blip3oConfig)} - {"backbone", "dit", "gen_encoder", "und_tower"}
         rest = {k: v for k, v in hf.items() if k in fields}
+        rest["gen_encoder_kind"] = gen_kind
         rest.setdefault("target_channels", dit.in_channels)
         rest.setdefault("target_grid", dit.input_size)
         return Blip3oConfig(backbone=backbone, dit=dit, gen_encoder=gen_encoder, und_tower=und_tower, **rest)
@@ -132,16 +198,9 @@ def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
         backbone_kind = "qwen2_5_vl_text"
     backbone = qwen_lib.config_from_hf(backbone_kind, hf)
     dit = dit_lib.DiTConfig(latent_embedding_size=backbone.hidden_size)
-    gen_encoder = None
-    try:
-        from blip3o_jax.models import eva_clip
-
-        gen_encoder = eva_clip.config_from_hf("eva_clip", {})
-    except Exception:  # noqa: BLE001  (EVA model file not available: targets must be precomputed)
-        pass
     return Blip3oConfig(
         backbone_kind=backbone_kind, backbone=backbone, dit=dit, n_query=int(hf.get("n_query", 64)),
-        target="eva_clip" if gen_encoder is not None else "precomputed", gen_encoder=gen_encoder,
+        target="eva_clip", gen_encoder=eva_clip.config_from_hf("eva_clip", {}),
     )
 
 
@@ -197,18 +256,12 @@ class Blip3o(nn.Module):
         )
         if cfg.loss == "clip_fm":
             self.dit = dit_lib.build("dit", cfg.dit)
-        else:  # clip_mse: a per-token projection head replaces the DiT (diffusion/losses.py)
-            from blip3o_jax.diffusion import losses
-
-            self.mse_head = losses.build_head(cfg.dit)
-        if cfg.target == "eva_clip":
-            from blip3o_jax import models
-
-            self.gen_encoder = models.build(cfg.gen_encoder_kind, cfg.gen_encoder)
+        else:  # clip_mse: a per-token projection head replaces the DiT
+            self.mse_head = dit_lib.MSEHead(cfg.dit)
+        if cfg.target in TARGET_MODULES:
+            self.gen_encoder = target_module(cfg)
         if cfg.und_tower_kind is not None:
-            from blip3o_jax import models
-
-            self.visual = models.build(cfg.und_tower_kind, cfg.und_tower)
+            self.visual = registry.get(cfg.und_tower_kind).build(cfg.und_tower)
             if cfg.und_tower_kind == "siglip_vision":
                 self.mm_projector = MLPProjector(cfg.backbone.hidden_size, cfg.backbone.dtype, cfg.backbone.param_dtype)
 
@@ -230,8 +283,6 @@ class Blip3o(nn.Module):
             if compute_logits:
                 raise ValueError("query_path='prefix_cache' gives the query states only; a text loss needs the "
                                  "logits of every position: use query_path='full' (or 'auto')")
-            from blip3o_jax.models import prefix_cache
-
             # rows without a generation target (has_queries False) get query states too; the loss weights them 0
             return prefix_cache.encode_queries(self, input_ids, attention_mask, positions, query_index), None
         embeds = self.backbone.embed(input_ids)
@@ -249,10 +300,6 @@ class Blip3o(nn.Module):
         group, see training/optimizer.py); the SigLIP projector trains in joint mode."""
         cfg = self.cfg
         if cfg.und_tower_kind == "qwen2_5_vl_vision":
-            import numpy as np
-
-            from blip3o_jax.models import qwen2_5_vl_vision as qv
-
             B, N, P = und_inputs.shape
             side = cfg.und_image_size // cfg.und_tower.patch_size
             # every row holds one still image of the same grid: the (static) window layout is built on the host
@@ -260,10 +307,7 @@ class Blip3o(nn.Module):
             tokens = self.visual(und_inputs.reshape(B * N, P), layout)  # (B * N / merge², D), images in order
             return tokens.reshape(B, -1, tokens.shape[-1])
         if cfg.und_tower_kind == "siglip_vision":
-            from blip3o_jax import preprocessing
-
-            pixels = preprocessing.normalize(und_inputs, preprocessing.SIGLIP_MEAN, preprocessing.SIGLIP_STD)
-            return self.mm_projector(self.visual(pixels))  # last_hidden_state -> mlp2x_gelu (§1.9)
+            return self.mm_projector(self.visual.encode_uint8(und_inputs))  # last_hidden_state -> mlp2x_gelu (§1.9)
         raise ValueError("this model has no understanding tower (model.und_tower_kind is None)")
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -277,19 +321,11 @@ class Blip3o(nn.Module):
         return self.mse_head(query_states)
 
     def targets(self, images):
-        """Generation targets (B, g, g, C) fp32 from uint8 images (B, S, S, 3); no gradient flows here."""
-        cfg = self.cfg
-        if cfg.target == "pixels":
-            return images.astype(jnp.float32) / 127.5 - 1.0
-        if cfg.target == "eva_clip":
-            from blip3o_jax import preprocessing
-            from blip3o_jax.models import eva_clip
-
-            pixels = preprocessing.normalize(images, preprocessing.CLIP_MEAN, preprocessing.CLIP_STD)
-            feats = self.gen_encoder(pixels)  # (B, 1024, 1792): last block, no final norm, CLS dropped (§1.3)
-            side = cfg.image_size // cfg.gen_encoder.patch_size
-            return eva_clip.pool_grid(feats, side // cfg.target_grid).astype(jnp.float32)  # early_pool2d_4
-        raise ValueError(f"target {cfg.target!r} comes precomputed from the data, not from images")
+        """Generation targets (B, g, g, C) fp32 from uint8 images (B, S, S, 3), computed by the target's module
+        (TARGET_MODULES); the train step takes them without gradient."""
+        if self.cfg.target not in TARGET_MODULES:
+            raise ValueError(f"target {self.cfg.target!r} comes precomputed from the data, not from images")
+        return self.gen_encoder.targets(images)
 
     def __call__(self, input_ids, attention_mask, positions, query_index, has_queries, images):
         """Touches every submodule once (for `init`); returns the velocity of a dummy noisy target."""
@@ -300,7 +336,7 @@ class Blip3o(nn.Module):
             out = self.velocity(x_t, jnp.zeros((input_ids.shape[0],), jnp.float32), query_states)
         else:
             out = self.mse_prediction(query_states)
-        if self.cfg.target == "eva_clip":
+        if self.cfg.target in TARGET_MODULES:
             out = out + self.targets(images)
         if self.cfg.und_tower_kind is not None:
             tokens = self.understanding_tokens(self.dummy_und_inputs(1))

@@ -169,21 +169,6 @@ def timestep_sinusoid(t, channels: int = TIME_FREQ_CHANNELS, max_period: float =
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def patchify(x, p: int):
-    """(B, H, W, C) -> (B, H/p * W/p, p*p*C), tokens row-major, features (ph, pw, C)."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x, p: int, height: int, width: int):
-    """(B, L, p*p*C) -> (B, H, W, C): inverse of `patchify` (= diffusers' unpatchify, channels-last)."""
-    b, _, f = x.shape
-    c = f // (p * p)
-    x = x.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, height, width, c)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Modules. Names mirror the PyTorch attributes.
 
@@ -372,13 +357,6 @@ class FinalLayer(nn.Module):
         return _dense(cfg, cfg.patch_size * cfg.patch_size * cfg.out_channels, ("embed", "patch"), True, "linear_2")(x)
 
 
-def _block_class(cfg: DiTConfig):
-    block = DiTBlock
-    if cfg.remat:
-        block = nn.remat(block, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-    return block
-
-
 class DiT(nn.Module):
     """v = DiT(x_t (B,H,W,C), t (B,) raw timesteps in [0,1000], cond (B,N,latent_embedding_size)) -> (B,H,W,C) fp32."""
 
@@ -389,18 +367,8 @@ class DiT(nn.Module):
         self.patch_embedder = PatchEmbed(cfg)
         self.caption_projection = CaptionProjection(cfg)
         self.time_caption_embed = TimeCaptionEmbed(cfg)
-        block = _block_class(cfg)
-        if cfg.scan_layers:
-            self.layers = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg)
-        else:
-            self.layers = [block(cfg) for _ in range(cfg.n_layers)]
+        self.layers = layers.repeat_blocks(DiTBlock, cfg.n_layers, cfg, scan=cfg.scan_layers, remat=cfg.remat,
+                                           remat_policy=cfg.remat_policy, n_broadcast=4)
         self.norm_out = FinalLayer(cfg)
 
     def embed(self, x, t, cond, cond_mask=None):
@@ -415,7 +383,7 @@ class DiT(nn.Module):
             )
         if cond.shape[-1] != cfg.latent_embedding_size:
             raise ValueError(f"DiT condition has width {cond.shape[-1]}; expected {cfg.latent_embedding_size}")
-        tokens = self.patch_embedder(patchify(x.astype(dt), p))  # (B, L, dim)
+        tokens = self.patch_embedder(layers.patchify(x.astype(dt), p))  # (B, L, dim)
         tokens = nn.with_logical_constraint(tokens, _TOKENS)
         cond_proj = self.caption_projection(cond.astype(dt))  # (B, N, dim)
         temb = self.time_caption_embed(t, cond_proj, cond_mask)  # (B, temb_dim)
@@ -423,21 +391,44 @@ class DiT(nn.Module):
         return tokens, temb, cond_proj, (jnp.asarray(cos), jnp.asarray(sin))
 
     def blocks(self, h, temb, cond_proj, cond_mask, rope):
-        if self.cfg.scan_layers:
-            h, _ = self.layers(h, temb, cond_proj, cond_mask, rope)
-        else:
-            for layer in self.layers:
-                h, _ = layer(h, temb, cond_proj, cond_mask, rope)
-        return h
+        return layers.run_blocks(self.layers, h, temb, cond_proj, cond_mask, rope)
 
     def final(self, h, temb, height: int, width: int):
         out = self.norm_out(h, temb)
-        return unpatchify(out.astype(jnp.float32), self.cfg.patch_size, height, width)
+        return layers.unpatchify(out.astype(jnp.float32), self.cfg.patch_size, height, width)
 
     def __call__(self, x, t, cond, cond_mask=None):
         h, temb, cond_proj, rope = self.embed(x, t, cond, cond_mask)
         h = self.blocks(h, temb, cond_proj, cond_mask, rope)
         return self.final(h, temb, x.shape[1], x.shape[2])
+
+
+class MSEHead(nn.Module):
+    """The clip_mse generator (BLIP3-o's "CLIP + MSE" variant, used in place of the DiT): per-token
+    Linear(D_llm -> dim) -> GELU(tanh) -> Linear(dim -> p·p·C), unpatchified to the target grid.
+
+    Input (B, N, D_llm) with N == (input_size / patch_size)^2 tokens in row-major order; output (B, H, W, C) fp32.
+    Params: `linear_1`, `linear_2` (kernel (in, out), logical names like the DiT's caption projection). The paper
+    defines the variant; the original release has no code for it.
+    """
+
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, cond, cond_mask=None):
+        del cond_mask  # tokens map to grid cells one to one: nothing to pool or mask
+        cfg = self.cfg
+        side = cfg.input_size // cfg.patch_size
+        if cond.shape[1] != side * side:
+            raise ValueError(
+                f"clip_mse head: {cond.shape[1]} query tokens cannot tile a {side}x{side} grid of patches"
+            )
+        dt, pd = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+        x = layers.Dense(cfg.dim, kernel_axes=("cond", "mlp"), dtype=dt, param_dtype=pd, name="linear_1")(cond.astype(dt))
+        x = jax.nn.gelu(x, approximate=True)
+        out = cfg.patch_size * cfg.patch_size * cfg.in_channels
+        x = layers.Dense(out, kernel_axes=("mlp", "patch"), dtype=dt, param_dtype=pd, name="linear_2")(x)
+        return layers.unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.input_size, cfg.input_size)
 
 
 def init_params(cfg: DiTConfig, rng, batch: int = 1, num_cond_tokens: int = 1):
@@ -483,7 +474,7 @@ def flops_per_sample(cfg: DiTConfig, num_cond_tokens: int, height: int | None = 
 
 __all__ = [
     "DiTConfig", "DiT", "DiTBlock", "config_from_hf", "build", "rope_table", "apply_rope", "timestep_sinusoid",
-    "patchify", "unpatchify", "init_params", "count_params", "flops_per_sample",
+    "MSEHead", "init_params", "count_params", "flops_per_sample",
 ]
 
 

@@ -7,7 +7,8 @@ token, learned absolute position embedding, one fused qkv Linear with bias, exac
 norm and no head. BLIP3-o takes the last block's tokens without CLS, (B, 1024, 1792) at 448 px, and average-pools
 them 4x4 to the 8x8x1792 grid the DiT generates (`pool_grid`).
 
-Images enter channels-last, already normalized with the CLIP mean/std (`preprocessing.normalize`).
+`__call__` takes channels-last images normalised with the CLIP mean/std (`CLIP_MEAN`, `CLIP_STD`, the original's
+`OPENAI_DATASET_MEAN/STD`); `targets` takes the uint8 generation image and does all of it: normalise, tower, pool.
 Parameter names mirror the torch module tree (`patch_embed/proj`, `blocks/attn/qkv`, `blocks/mlp/fc1`, ...) so
 the converter in `convert/eva_clip.py` is renames and transposes.
 """
@@ -23,6 +24,10 @@ import numpy as np
 
 from blip3o_jax.models import layers, registry
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
+
+# OpenAI CLIP's image normalisation, used by EVA-CLIP's processor (and Qwen2.5-VL's)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +174,7 @@ class Block(nn.Module):
     cfg: EvaClipConfig
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x):
         cfg = self.cfg
         dtype = to_dtype(cfg.dtype)
         pdtype = to_dtype(cfg.param_dtype)
@@ -195,10 +200,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images):  # (B, H, W, C)
         cfg = self.cfg
-        p = cfg.patch_size
-        b, h, w, c = images.shape
-        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, (h // p) * (w // p), p * p * c)  # row-major (h, w) token order
+        patches = layers.patchify(images, cfg.patch_size)  # (B, N, p*p*C), row-major (h, w) token order
         return Dense(cfg.width, kernel_axes=("patch", "embed"), dtype=to_dtype(cfg.dtype),
                      param_dtype=to_dtype(cfg.param_dtype), name="proj")(patches)
 
@@ -227,21 +229,28 @@ class EvaVisionTransformer(nn.Module):
         x = x + pos_embed.astype(dtype)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
-        block = Block
-        if cfg.remat:
-            block = nn.remat(Block, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=cfg.layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="blocks")(x, None)
-        else:
-            for i in range(cfg.layers):
-                x, _ = block(cfg, name=f"blocks_{i}")(x, None)
+        blocks = layers.repeat_blocks(Block, cfg.layers, cfg, scan=cfg.scan_layers, remat=cfg.remat,
+                                      remat_policy=cfg.remat_policy, name="blocks")
+        x = layers.run_blocks(blocks, x)
         return x[:, 1:, :]  # EVAEncoderWrapper: `[:, 1:, :]`, no final norm
+
+    def targets(self, images):
+        """BLIP3-o's generation targets of uint8 images (B, S, S, 3): CLIP-normalised, through the tower, the patch
+        tokens average-pooled `pool_stride` x `pool_stride` (gen_pooling "early_pool2d_4") -> (B, g, g, width) fp32."""
+        features = self(layers.normalize_images(images, CLIP_MEAN, CLIP_STD))  # (B, grid², width)
+        return pool_grid(features, self.cfg.pool_stride).astype(jnp.float32)
+
+    def target_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(g, g, C) of `targets` for `image_size` px images, from the config alone."""
+        cfg = self.cfg
+        if image_size != cfg.image_size:
+            raise ValueError(f"eva_clip: the generation image is {image_size} px but the tower's image_size is "
+                             f"{cfg.image_size}")
+        side = cfg.grid_size // cfg.pool_stride
+        if side == 0:
+            raise ValueError(f"eva_clip: pool_stride {cfg.pool_stride} is larger than the {cfg.grid_size}x"
+                             f"{cfg.grid_size} token grid")
+        return (side, side, cfg.width)
 
 
 def pool_grid(features, stride: int = 4, grid_size: int | None = None):

@@ -150,33 +150,76 @@ def remat_policy(name: str | None):
 
 
 def repeat_blocks(block, length: int, *module_args, scan: bool, remat: bool = False, remat_policy: str | None = None,
-                  n_broadcast: int = 0, **module_kwargs):
-    """`length` copies of `block` for a module's `setup()`: one `nn.scan` module (params stacked on a leading
-    "layers" axis, one compiled body) when `scan`, else a list (params `<attr>_0`, `<attr>_1`, ...).
+                  n_broadcast: int = 0, in_axes: tuple | None = None, name: str | None = None, **module_kwargs):
+    """`length` copies of `block`: one `nn.scan` module (params stacked on a leading "layers" axis, one compiled
+    body) when `scan`, else a list (params `<name>_0`, `<name>_1`, ...).
 
-    The block's `__call__(carry, *args)` returns `(carry, None)`; the `n_broadcast` extra args are shared by every
-    layer. `remat` wraps each block in `nn.remat` with the named policy (`remat_policy`). Run with `run_blocks`.
+    The block's `__call__(carry, *args)` returns `(carry, per_layer_output or None)`. The extra args are shared by
+    every layer (`n_broadcast` of them), or, with `in_axes`, one entry per arg: `nn.broadcast` (shared) or 0 (one
+    slice per layer along the leading axis, e.g. a per-layer KV cache). `remat` wraps each block in `nn.remat`
+    with the named policy (`remat_policy`). In `setup()` the attribute names the stack; inside an `nn.compact`
+    method pass `name` (the scanned module is `name`, the unrolled ones `name_0`, `name_1`, ...).
+    Run with `run_blocks` (giving it the same `in_axes`).
     """
     cls = block
     if remat:
         cls = nn.remat(cls, policy=globals()["remat_policy"](remat_policy), prevent_cse=not scan)
+    if in_axes is None:
+        in_axes = (nn.broadcast,) * n_broadcast
     if scan:
+        named = {} if name is None else {"name": name}
         return nn.scan(
             cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * n_broadcast,
+            in_axes=tuple(in_axes),
             length=length,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(*module_args, **module_kwargs)
-    return [cls(*module_args, **module_kwargs) for _ in range(length)]
+        )(*module_args, **named, **module_kwargs)
+    if name is None:
+        return [cls(*module_args, **module_kwargs) for _ in range(length)]
+    return [cls(*module_args, name=f"{name}_{i}", **module_kwargs) for i in range(length)]
 
 
-def run_blocks(stack, carry, *args):
-    """Runs a `repeat_blocks` stack (scanned module or list) over `carry`."""
+def run_blocks(stack, carry, *args, in_axes: tuple | None = None, with_outputs: bool = False):
+    """Runs a `repeat_blocks` stack (scanned module or list) over `carry`.
+
+    `in_axes` as given to `repeat_blocks` (only the unrolled list needs it, to slice the per-layer args). Returns
+    the final carry, or with `with_outputs` (carry, per-layer outputs stacked on a leading layer axis).
+    """
     if isinstance(stack, (list, tuple)):
-        for block in stack:
-            carry, _ = block(carry, *args)
-        return carry
-    carry, _ = stack(carry, *args)
-    return carry
+        outputs = []
+        for i, block in enumerate(stack):
+            layer_args = [jax.tree.map(lambda a: a[i], arg) if in_axes is not None and in_axes[j] == 0 else arg
+                          for j, arg in enumerate(args)]
+            carry, out = block(carry, *layer_args)
+            outputs.append(out)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if with_outputs and outputs else None
+    else:
+        carry, stacked = stack(carry, *args)
+    return (carry, stacked) if with_outputs else carry
+
+
+def patchify(x, p: int):
+    """(B, H, W, C) -> (B, H/p * W/p, p*p*C): non-overlapping p x p patches, tokens row-major, features (ph, pw, C).
+
+    A Conv2d with kernel = stride = p is a matmul over these (its OIHW weight permuted to (ph, pw, C) x O).
+    """
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, p: int, height: int, width: int):
+    """(B, L, p*p*C) -> (B, H, W, C): the inverse of `patchify`."""
+    b, _, f = x.shape
+    c = f // (p * p)
+    x = x.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height, width, c)
+
+
+def normalize_images(images, mean, std):
+    """uint8 (..., C) -> float32 (x / 255 - mean) / std, per channel (the image processors' rescale + normalize)."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (jnp.asarray(images).astype(jnp.float32) * jnp.float32(1.0 / 255.0) - mean) / std

@@ -314,12 +314,8 @@ class QwenDecoderLayer(nn.Module):
         return x, kv_cache
 
 
-def _layer_class(cfg: QwenConfig):
-    cls = QwenDecoderLayer
-    if cfg.remat:
-        # prevent_cse only matters outside scan (inside scan it would block useful optimisations)
-        cls = nn.remat(cls, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-    return cls
+# per-layer args of QwenDecoderLayer after x: cos, sin, mask shared; the (k, v) cache sliced per layer; cache_index
+_LAYER_IN_AXES = (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast)
 
 
 class QwenForCausalLM(nn.Module):
@@ -332,18 +328,9 @@ class QwenForCausalLM(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
         )
-        layer_cls = _layer_class(cfg)
-        if cfg.scan_layers:
-            self.layers = nn.scan(
-                layer_cls,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                length=cfg.num_hidden_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg)
-        else:
-            self.layers = [layer_cls(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.layers = layers.repeat_blocks(
+            QwenDecoderLayer, cfg.num_hidden_layers, cfg, scan=cfg.scan_layers, remat=cfg.remat,
+            remat_policy=cfg.remat_policy, in_axes=_LAYER_IN_AXES)
         self.norm = layers.RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.Dense(
@@ -401,18 +388,9 @@ class QwenForCausalLM(nn.Module):
                 positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, L, axis=1)
         cos, sin = rope_cos_sin(positions, cfg)
 
-        if cfg.scan_layers:
-            kv = None if cache is None else (cache["k"], cache["v"])
-            x, kv = self.layers(x, cos, sin, mask, kv, cache_index)
-        else:
-            new_k, new_v = [], []
-            for i, layer in enumerate(self.layers):
-                layer_kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, layer_kv = layer(x, cos, sin, mask, layer_kv, cache_index)
-                if cache is not None:
-                    new_k.append(layer_kv[0])
-                    new_v.append(layer_kv[1])
-            kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+        kv = None if cache is None else (cache["k"], cache["v"])  # (n_layers, B, T, K, Dh) each
+        x, kv = layers.run_blocks(self.layers, x, cos, sin, mask, kv, cache_index, in_axes=_LAYER_IN_AXES,
+                                  with_outputs=True)
         hidden = self.norm(x)
         new_cache = None
         if cache is not None:

@@ -7,9 +7,9 @@ of the `<|image_pad|>` tokens (in order, row-major over the batch), and every to
 
 All of that depends only on token ids and `grid_thw`, so `prepare_inputs` computes it on the host in NumPy
 (positions (3, B, L), the gather index of each image slot, the vision layout); the jitted part only gathers and
-selects (`jnp.take` + `jnp.where`, no boolean scatter). Image-to-text generation reuses `generation.generate` on the
-text model: prefill from the spliced `inputs_embeds` at the M-RoPE positions, then decode at `rope_delta`-shifted
-1-D positions exactly as transformers does.
+selects (`jnp.take` + `jnp.where`, no boolean scatter). The host helpers that run it (`logits`, image-to-text
+`generate`: prefill from the spliced `inputs_embeds` at the M-RoPE positions, then decode at `rope_delta`-shifted
+1-D positions exactly as transformers does) are `qwen2_5_vl_logits` / `qwen2_5_vl_generate` in `generation.py`.
 
 Note: BLIP3-o's own generation path calls the text model with plain 1-D positions (reference §1.1 "Positions");
 this module is the understanding path, which uses the real M-RoPE positions.
@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -232,70 +231,6 @@ def init_args(cfg: Qwen2_5_VLConfig, grid_thw=((1, 4, 4),)):
     pixel_values = jnp.zeros((qv.num_patches(grid_thw), cfg.vision.patch_dim), jnp.float32)
     return (jnp.asarray(input_ids, jnp.int32), jnp.ones(input_ids.shape, jnp.int32), inputs["positions"],
             pixel_values, inputs["vision_layout"], inputs["image_index"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Host convenience: logits and image-to-text generation
-
-
-def logits(module: Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask=None, pixel_values=None,
-           image_grid_thw=None, **bucket):
-    """fp32 logits (B, L, V) for ids (+ images), with positions computed as transformers does."""
-    cfg = module.cfg
-    attention_mask = np.ones(np.shape(input_ids), np.int32) if attention_mask is None else np.asarray(attention_mask)
-    inputs = prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, **bucket)
-    if pixel_values is not None:
-        pixel_values = pad_pixels(pixel_values, inputs["vision_layout"])
-    return _jitted_call(module)(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                                inputs["positions"], pixel_values, inputs["vision_layout"], inputs["image_index"])
-
-
-_JIT_CACHE: dict = {}
-
-
-def _jitted_call(module):
-    if ("call", module) not in _JIT_CACHE:
-        _JIT_CACHE[("call", module)] = jax.jit(lambda p, *args: module.apply({"params": p}, *args))
-    return _JIT_CACHE[("call", module)]
-
-
-def _jitted_embed(module):
-    if ("embed", module) not in _JIT_CACHE:
-        _JIT_CACHE[("embed", module)] = jax.jit(
-            lambda p, *args: module.apply({"params": p}, *args, method=module.embed_inputs))
-    return _JIT_CACHE[("embed", module)]
-
-
-def generate(module: Qwen2_5_VLForConditionalGeneration, params, input_ids, attention_mask=None, pixel_values=None,
-             image_grid_thw=None, *, max_new_tokens: int, eos_token_id, pad_token_id: int, temperature: float = 0.0,
-             top_p: float = 1.0, rng=None, num_tokens: int | None = None, num_windows: int | None = None):
-    """New tokens (B, max_new_tokens) for left-padded prompts with images (answer a question about an image).
-
-    The prefill sees the spliced embeddings at their M-RoPE positions; decode step s sits at the prompt's last
-    position + 1 + s on all three axes (transformers: `rope_deltas` + cache position).
-    """
-    from blip3o_jax import generation
-
-    cfg = module.cfg
-    input_ids = np.asarray(input_ids)
-    attention_mask = np.ones(input_ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
-    if not attention_mask[:, -1].all():
-        raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] must be 1 for every row)")
-    inputs = prepare_inputs(cfg, input_ids, attention_mask, image_grid_thw, num_tokens=num_tokens,
-                            num_windows=num_windows)
-    last = inputs["positions"][:, :, -1]  # (3, B)
-    if not (last == last[0]).all():
-        raise ValueError("generate: a prompt ends with an image token; end it with text (e.g. <|vision_end|>)")
-    if pixel_values is not None:
-        pixel_values = pad_pixels(pixel_values, inputs["vision_layout"])
-    embeds = _jitted_embed(module)(params, jnp.asarray(input_ids, jnp.int32), pixel_values,
-                                   inputs["vision_layout"], inputs["image_index"])
-    text_module = qwen.build("qwen2_5_vl_text", cfg.text)
-    return generation.generate(
-        text_module, params["language_model"], None, attention_mask, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, rng=rng,
-        inputs_embeds=embeds, positions=inputs["positions"], position_offsets=last[0] + 1,
-    )
 
 
 registry.register(registry.Kind(

@@ -382,19 +382,12 @@ class Qwen2_5_VisionTransformer(nn.Module):
                          param_dtype=param_dtype, name="patch_embed")(x)
         cos, sin = rope_tables(layout["positions"], cfg)
 
-        block = VisionBlock
-        if cfg.remat:
-            block = nn.remat(block, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=False)
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.depth,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        # one scanned block for both kinds: a per-layer flag (sliced by the scan) picks full or window attention
+        in_axes = (0, nn.broadcast, nn.broadcast, nn.broadcast)
+        blocks = layers.repeat_blocks(VisionBlock, cfg.depth, cfg, scan=True, remat=cfg.remat,
+                                      remat_policy=cfg.remat_policy, in_axes=in_axes, name="blocks")
         is_full = np.isin(np.arange(cfg.depth), np.asarray(cfg.fullatt_block_indexes, np.int64))
-        x, _ = blocks(x, jnp.asarray(is_full), cos, sin, layout)
+        x = layers.run_blocks(blocks, x, jnp.asarray(is_full), cos, sin, layout, in_axes=in_axes)
 
         merged = PatchMerger(cfg, name="merger")(x)  # (N / merge², out) in window order
         return jnp.take(merged, layout["merged_order"], axis=0)
@@ -416,7 +409,11 @@ def init_args(cfg: Qwen2_5_VLVisionConfig, grid_thw=((1, 4, 4),)):
 
 def encode(module: nn.Module, params, patches, grid_thw, *, num_tokens: int | None = None,
            num_windows: int | None = None, jit_fn=None):
-    """Host convenience: merged tokens (n_merged, out_hidden_size) for patches + grid_thw, padding removed."""
+    """Host convenience: merged tokens (n_merged, out_hidden_size) for patches + grid_thw, padding removed.
+
+    `jit_fn(params, patches, layout)`: the caller's compiled `module.apply` (reused across calls); default: one
+    jitted per call (`apply_fn(module)`).
+    """
     cfg = module.cfg
     grid = check_grid(grid_thw, cfg)
     n_real = num_patches(grid)
@@ -429,18 +426,13 @@ def encode(module: nn.Module, params, patches, grid_thw, *, num_tokens: int | No
     n_tokens = layout["token_order"].shape[0]
     if n_tokens > n_real:
         patches = jnp.concatenate([jnp.asarray(patches), jnp.zeros((n_tokens - n_real, cfg.patch_dim), patches.dtype)])
-    fn = jit_fn or jitted_apply(module)
+    fn = jit_fn or apply_fn(module)
     return fn(params, patches, layout)[: n_real // cfg.merge_unit]
 
 
-_JITTED: dict = {}
-
-
-def jitted_apply(module: nn.Module):
-    """One `jax.jit(module.apply)` per module (modules are hashable), so repeated `encode` calls reuse compilations."""
-    if module not in _JITTED:
-        _JITTED[module] = jax.jit(lambda p, x, lay: module.apply({"params": p}, x, lay))
-    return _JITTED[module]
+def apply_fn(module: nn.Module):
+    """`jax.jit` of `module.apply` as (params, patches, layout) -> merged tokens: keep it to reuse its compilations."""
+    return jax.jit(lambda p, x, lay: module.apply({"params": p}, x, lay))
 
 
 registry.register(registry.Kind(

@@ -10,7 +10,8 @@ width 1152, 27 pre-norm layers, tanh-GELU MLP 4304, LayerNorm eps 1e-6.
   them as knowingly skipped).
 The pooling head (`pooler_output`) is used by neither variant and is not implemented.
 
-Images enter channels-last, normalized (mean = std = 0.5 for SigLIP; `preprocessing.normalize`).
+`__call__` takes channels-last images normalised with `SIGLIP_MEAN`/`SIGLIP_STD` (0.5, as SigLIP's processor);
+`encode_uint8` takes uint8 images and normalises them itself.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ import jax
 
 from blip3o_jax.models import layers, registry
 from blip3o_jax.models.layers import Dense, LayerNorm, partitioned, to_dtype
+
+# SiglipImageProcessor's image_mean / image_std
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 OUTPUT_LAYERS = ("last", "penultimate")
 _ACTIVATIONS = {
@@ -156,7 +161,7 @@ class SiglipEncoderLayer(nn.Module):
     cfg: SiglipVisionConfig
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x):
         cfg = self.cfg
         dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         h = LayerNorm(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="layer_norm1")(x)
@@ -173,11 +178,8 @@ class SiglipVisionEmbeddings(nn.Module):
     def __call__(self, images):  # (B, H, W, C)
         cfg = self.cfg
         dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        p = cfg.patch_size
-        b, h, w, c = images.shape
         # Conv2d(kernel = stride = patch, "valid") as a matmul over (ph, pw, c)-flattened patches, row-major tokens
-        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
+        patches = layers.patchify(images, cfg.patch_size)
         x = Dense(cfg.hidden_size, kernel_axes=("patch", "embed"), dtype=dtype, param_dtype=pdtype,
                   name="patch_embedding")(patches)
         pos = self.param("position_embedding", partitioned(nn.initializers.normal(1.0), (None, "embed")),
@@ -191,21 +193,9 @@ class SiglipEncoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        layer = SiglipEncoderLayer
-        if cfg.remat:
-            layer = nn.remat(layer, policy=layers.remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = nn.scan(
-                layer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=cfg.num_layers_run,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")(x, None)
-        else:
-            for i in range(cfg.num_layers_run):
-                x, _ = layer(cfg, name=f"layers_{i}")(x, None)
-        return x
+        stack = layers.repeat_blocks(SiglipEncoderLayer, cfg.num_layers_run, cfg, scan=cfg.scan_layers,
+                                     remat=cfg.remat, remat_policy=cfg.remat_policy, name="layers")
+        return layers.run_blocks(stack, x)
 
 
 class SiglipVisionTransformer(nn.Module):
@@ -228,6 +218,10 @@ class SiglipVisionTransformer(nn.Module):
             x = LayerNorm(eps=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
                           name="post_layernorm")(x)
         return x
+
+    def encode_uint8(self, images):
+        """The configured output layer of uint8 images (B, H, W, 3), normalised here with SigLIP's mean/std."""
+        return self(layers.normalize_images(images, SIGLIP_MEAN, SIGLIP_STD))
 
 
 registry.register(registry.Kind(
