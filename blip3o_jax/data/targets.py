@@ -305,6 +305,9 @@ def _t2i_shards(config) -> list[tuple[dict, list[str]]]:
         spec = dict(spec)
         if spec.get("task", "t2i") != "t2i":
             continue
+        if spec.get("kind") == "tfds":  # no tar shards: targets are computed in the step
+            out.append((spec, []))
+            continue
         paths = spec["paths"]
         first = paths if isinstance(paths, str) else paths[0]
         kind = spec.get("kind") or ("json" if str(first).endswith((".json", ".jsonl")) else "tar")
