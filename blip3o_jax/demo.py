@@ -5,14 +5,15 @@
    and centre-cropped to 32 px; and builds a tiny tokenizer;
 2. trains the `tiny` config (configs/tiny.py) with the real train loop: frozen 2-layer Qwen3-style backbone +
    latent queries + a small Lumina-Next DiT, flow matching, Orbax checkpoints;
-3. reloads the checkpoint, samples held-out prompts (fresh captions and noise, never-seen samples) and writes a PNG
-   grid with the prompts as captions;
+3. samples held-out prompts (fresh captions and noise, never-seen samples) from the run's latest checkpoint with
+   `blip3o-sample t2i --model RUN_DIR` (blip3o_jax/sample.py, the path a user takes after training; one PNG per
+   prompt in DIR/samples/) and writes a PNG grid with the prompts as captions;
 4. scores prompt following automatically: the dominant colour of each sample (nearest palette colour, background
    excluded) against the prompt's colour, and the shape (best IoU of the coloured region against the six shape
    templates) against the prompt's shape. The same scorer run on real images of the data is printed as the ceiling.
 
 The tiny DiT generates pixels directly (a 32x32 image = 8x8 patches of 4x4x3), not EVA-CLIP features: the release's
-second stage (an SDXL UNet decoding the features to pixels, reference §1.7) cannot run here.
+second stage (an SDXL UNet decoding the features to pixels, the release's `diffusion-decoder/`) cannot run here.
 """
 from __future__ import annotations
 
@@ -188,6 +189,35 @@ def held_out_prompts(n: int, seed: int = 999_999) -> tuple[list[str], np.ndarray
     return captions, np.stack(images)
 
 
+def sample_with_cli(run_dir: str, captions, out: str, config) -> tuple[np.ndarray, dict]:
+    """(uint8 images (N, 32, 32, 3) in prompt order, the CLI's run record): the held-out prompts through
+    `blip3o-sample t2i --model RUN_DIR` (the path a user takes after training; in-process, so the warm JAX runtime
+    is reused), with the run's own sampler settings (config.flow). The tiny DiT generates pixels: the CLI writes
+    its pixel grid as the image, no decoder involved."""
+    import shutil
+
+    from PIL import Image
+
+    from blip3o_jax import sample
+
+    if os.path.isdir(out):  # the CLI skips finished outputs: a rerun must not keep an older checkpoint's images
+        shutil.rmtree(out)
+    os.makedirs(out)
+    prompts_file = os.path.join(os.path.dirname(out), "held_out_prompts.txt")
+    with open(prompts_file, "w") as f:
+        f.write("".join(c + "\n" for c in captions))
+    flow = config.get("flow", {})
+    args = ["t2i", "--model", run_dir, "--prompts", prompts_file, "--out", out,
+            "--dit_steps", str(int(flow.get("num_inference_steps", 30))),
+            "--dit_guidance", str(float(flow.get("guidance_scale", 3.0))), "--batch", str(len(captions)),
+            "--seed", "1234", "--progress=false"]
+    print("[demo]   blip3o-sample " + " ".join(args), flush=True)
+    record = sample.run(args)
+    images = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:05d}_00.png")).convert("RGB"))
+                       for i in range(len(captions))])
+    return images, {**record, "out": out}
+
+
 DEFAULT_MAX_TRAIN_SECONDS = 480.0  # `make demo` stays within 10 minutes on a slow or busy machine
 
 
@@ -223,7 +253,7 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
     last = train_lib.train(config, run_dir)
     train_s = time.perf_counter() - t_train
 
-    print("[demo] 3/4 sampling held-out prompts from the checkpoint", flush=True)
+    print("[demo] 3/4 sampling held-out prompts from the checkpoint with blip3o-sample t2i", flush=True)
     from blip3o_jax.training import checkpoint as ckpt_lib
 
     checkpointer = ckpt_lib.Checkpointer(run_dir, save_every=0)
@@ -232,13 +262,8 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
     if trained_steps < int(config.train.total_steps):
         print(f"[demo] the training time budget ran out after {trained_steps} of {config.train.total_steps} steps "
               "(a slow or busy machine): the samples will be weaker", flush=True)
-    model, params, config = sampling.load_trained(run_dir, config=config)
-    from blip3o_jax.data.tokenizer import load_tokenizer
-
-    sampler = sampling.Sampler(model, config, load_tokenizer(config.data.tokenizer))
     captions, real = held_out_prompts(num_prompts)
-    grids = sampler(params, captions, jax.random.key(1234))
-    images = sampler.to_images(grids)
+    images, sample_record = sample_with_cli(run_dir, captions, os.path.join(workdir, "samples"), config)
 
     print("[demo] 4/4 scoring prompt following", flush=True)
     result = score(images, captions)
@@ -252,7 +277,8 @@ def run(workdir: str = DEFAULT_WORKDIR, *, steps: int | None = None, num_samples
         "colour_match_real_images": ceiling["colour"], "shape_match_real_images": ceiling["shape"],
         "chance_colour": 1 / len(synthetic.COLORS), "chance_shape": 1 / len(synthetic.SHAPES),
         "final_loss": last.get("loss"), "train_steps": int(trained_steps), "train_s": round(train_s, 1),
-        "total_s": round(total_s, 1), "samples_png": png,
+        "total_s": round(total_s, 1), "samples_png": png, "samples_dir": sample_record["out"],
+        "sample_images_per_s": sample_record["images_per_s"],
     }
     with open(os.path.join(workdir, "score.json"), "w") as f:
         json.dump(summary, f, indent=2)

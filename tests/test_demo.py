@@ -1,11 +1,13 @@
-"""A short `make demo`: synthetic shards -> train the tiny config -> checkpoint -> sample held-out prompts -> PNG
-grid + prompt-following score. (The full demo trains longer; its score is in the README.)"""
+"""A short `make demo`: synthetic shards -> train the tiny config -> checkpoint -> `blip3o-sample t2i` on the run's
+workdir (held-out prompts) -> PNG grid + prompt-following score. (The full demo trains longer; its score is in the
+README.)"""
 from __future__ import annotations
 
 import json
 import os
 
 import numpy as np
+from PIL import Image
 
 from blip3o_jax import demo
 
@@ -30,3 +32,18 @@ def test_short_demo_runs_end_to_end(tmp_path):
     assert saved["colour_match_real_images"] == 1.0
     assert np.isfinite(saved["final_loss"])
     assert sorted(os.listdir(os.path.join(workdir, "run", "checkpoints"))) == ["15", "30"]
+    # the samples came from the CLI on the run's workdir: its PNGs (pixels straight from the DiT, no decoder), its
+    # run.json, and the scored images are those PNGs
+    samples = saved["samples_dir"]
+    cli_run = json.load(open(os.path.join(samples, "run.json")))
+    assert cli_run["command"] == "t2i" and cli_run["complete"] and cli_run["images_written"] == 6
+    assert cli_run["model"]["layout"] == "workdir" and "decoder" not in cli_run["model"]
+    assert cli_run["model"]["step_dir"].endswith(os.path.join("checkpoints", "30"))
+    assert cli_run["settings"]["dit_steps"] == 20 and cli_run["settings"]["resolution"] == 32  # configs/tiny.py
+    pngs = sorted(n for n in os.listdir(samples) if n.endswith("_00.png"))
+    assert pngs == [f"{i:05d}_00.png" for i in range(6)]
+    captions, _ = demo.held_out_prompts(6)
+    assert [json.loads(line)["prompt"] for line in open(os.path.join(samples, "prompts.jsonl"))] == captions
+    images = np.stack([np.asarray(Image.open(os.path.join(samples, n))) for n in pngs])
+    assert images.shape == (6, 32, 32, 3) and images.std() > 1
+    assert saved["colour_match"] == demo.score(images, captions)["colour"]
