@@ -29,10 +29,19 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+_HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with a bad flag or `--config.x=y` override reported as one `error:` line, exit 2."""
+    """absl's flag parsing with a bad flag or `--config.x=y` override reported as one `error:` line, exit 2.
+    `--help` / `-h` print the usage and exit 0 (absl exits 1 after printing it, and does not know `-h`)."""
+    argv = [argv[0], *("--help" if a == "-h" else a for a in argv[1:])]
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl's help flags exit (1) once the usage is printed
+        if any(a.split("=", 1)[0] in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -85,15 +94,25 @@ def run(main: Callable[[list[str]], None], *, module: str | None = None, doc: st
     """`absl.app.run` that turns known user errors into one line on stderr and exit status 2. `module` (the tool's
     `__name__`) and `doc` (its usage text) make `--help` describe the tool's flags."""
     from blip3o_jax.convert.common import ConversionError
+    from blip3o_jax.data.sources import DatasetError, NoValidSampleError
+    from blip3o_jax.data.tar_index import TarIndexError
 
+    user_errors = (UserError, ConversionError, FileNotFoundError, FileExistsError, DatasetError, NoValidSampleError,
+                   TarIndexError)
     if module is not None:
         _help_of(module, doc)
 
     def wrapped(argv):
         try:
             main(argv)
-        except (UserError, ConversionError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except user_errors as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            if e.filename is None:  # not about a path the user gave (a real bug): keep the traceback
+                raise
+            # a path of the user's (workdir, output, data) that cannot be read or written
+            print(f"error: {e.filename}: {e.strerror or _one_line(e)}", file=sys.stderr)
             sys.exit(2)
 
     app.run(wrapped, flags_parser=_parse_flags)

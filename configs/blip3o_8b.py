@@ -85,7 +85,13 @@ def get_config(arg: str = "", backbone: str = "qwen2_5_vl_7b"):
     c.train.max_consecutive_nonfinite = 20
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=2, async_save=True, save_frozen=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=2, async_save=True, save_frozen=True,
+                                                  restore_step=ml_collections.config_dict.placeholder(int)))
     c.log = ml_collections.ConfigDict(dict(every=50, sigma_buckets=5, tensorboard=True, progress_bar=True))
+    # samples while training are drawn for pixel and VAE targets; EVA-CLIP features need the SDXL decoder
+    c.log.sample_every = 0
+    c.log.sample_prompts = ("a photo of a red apple on a wooden table", "a watercolor painting of a lighthouse",
+                            "a cat wearing sunglasses", "a bowl of ramen, studio lighting")
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))  # e.g. start_step=100: steps 100-102
     c.init_from = ""
     return c

@@ -92,7 +92,16 @@ def get_config(data_dir: str = ""):
     c.train.max_consecutive_nonfinite = 10
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))
+    # keep: None keeps every checkpoint; restore_step: resume from that step instead of the latest
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True,
+                                                  restore_step=ml_collections.config_dict.placeholder(int)))
     c.log = ml_collections.ConfigDict(dict(every=50, sigma_buckets=5, tensorboard=True, progress_bar=True))
+    # a grid of these prompts (fixed noise) every 500 steps: workdir/samples/step_<n>.png and TensorBoard; ~5 s to
+    # compile once, then ~0.4 s per grid (20 sampler steps) on 2 CPU cores
+    c.log.sample_every = 500
+    c.log.sample_prompts = ("a red circle", "a blue square", "a green triangle", "a yellow star", "a purple diamond",
+                            "an orange hexagon")
+    # a jax.profiler trace of steps [start_step, start_step + num_steps) in workdir/profile; 0: off
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
     c.init_from = ""
     return c

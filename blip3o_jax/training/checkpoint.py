@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from blip3o_jax.training import workdir as wd
+
 
 def _abs(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
@@ -34,19 +36,19 @@ def _abs(path: str) -> str:
 class Checkpointer:
     """A `CheckpointManager` with items `state`, `data`, `config` and save-every-N / keep-last-K policy."""
 
-    def __init__(self, workdir: str, *, save_every: int, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.join(_abs(workdir), "checkpoints")
+    def __init__(self, workdir: str, *, save_every: int, keep: int | None = 2, async_save: bool = True):
+        self.directory = wd.join(_abs(workdir), "checkpoints")
         self.save_every = int(save_every)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if keep is None else int(keep),  # train.check_config refuses keep < 1
             save_interval_steps=1,  # our loop decides when to save (every N, at the end, on SIGTERM)
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by kill -9
         )
         handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
-                                             options=options)
+        self.manager = ocp.CheckpointManager(wd.storage_path(self.directory), item_names=tuple(handlers),
+                                             item_handlers=handlers, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -68,10 +70,31 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         items = {"state": ocp.args.StandardRestore(_as_tree(abstract_state))}
-        if data_iterator is not None and (os.path.isdir(os.path.join(self.directory, str(step), "data"))):
+        if data_iterator is not None and wd.exists(wd.join(wd.storage_path(self.directory), str(step), "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return _from_tree(restored["state"], abstract_state)
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self.manager.all_steps())
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Moves the checkpoints newer than `step` to `checkpoints_set_aside/` (kept, out of the run's way, so that
+        the run continues from `step`); returns their steps."""
+        moved = [s for s in self.all_steps() if s > step]
+        if moved:
+            directory = wd.storage_path(self.directory)
+            aside = wd.join(directory.rstrip("/").rsplit("/", 1)[0], "checkpoints_set_aside")
+            wd.makedirs(aside)
+            for s in moved:
+                dst = wd.join(aside, str(s))
+                n = 0
+                while wd.exists(dst):  # an earlier set-aside of the same step: keep both
+                    n += 1
+                    dst = wd.join(aside, f"{s}.{n}")
+                wd.rename(wd.join(directory, str(s)), dst)
+            self.manager.reload()
+        return moved
 
     def read_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -105,7 +128,7 @@ def _from_tree(tree, like):
 
 def save_params(path: str, params) -> None:
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(_abs(path), params, force=True)
+        ckptr.save(wd.storage_path(_abs(path)), params, force=True)
 
 
 def restore_params(path: str, abstract_params=None):
@@ -114,7 +137,7 @@ def restore_params(path: str, abstract_params=None):
     A converted checkpoint may hold only some top-level groups (e.g. `backbone`, or `gen_encoder`); with an abstract
     target, only the groups present in the checkpoint are read.
     """
-    path = _abs(path)
+    path = wd.storage_path(_abs(path))
     with ocp.StandardCheckpointer() as ckptr:
         if abstract_params is None:
             return ckptr.restore(path)
@@ -134,7 +157,8 @@ def restore_params(path: str, abstract_params=None):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM (TPU/GCE preemption, `kill`) into a flag the loop polls: save, then exit cleanly.
+    """Turns SIGTERM (TPU/GCE preemption, `kill`) and SIGINT (Ctrl-C) into a flag the loop polls: save, then exit
+    cleanly. A second Ctrl-C is not caught (Python's default: KeyboardInterrupt), for a user who will not wait.
 
     Multi-host: every process receives the signal on a preemption; the loop additionally asks
     `multihost_utils.reached_preemption_sync_point` where the distributed runtime is up.
@@ -143,14 +167,22 @@ class PreemptionWatcher:
     def __init__(self):
         self._event = threading.Event()
         self._previous = {}
-        for sig in (signal.SIGTERM,):
+        self.signal_name = None  # of the first signal received
+        for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
                 pass
 
     def _handle(self, signum, frame):  # noqa: ARG002
-        logging.warning("received signal %d: saving a checkpoint and exiting", signum)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # once: the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            logging.warning("received SIGINT: saving a checkpoint and exiting (press Ctrl-C again to abort "
+                            "without saving)")
+        else:
+            logging.warning("received %s: saving a checkpoint and exiting", name)
+        self.signal_name = self.signal_name or name
         self._event.set()
 
     def requested(self, step: int, *other_flags: bool) -> tuple[bool, ...]:

@@ -36,9 +36,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sigma_buckets": 5,  # loss per σ bucket [k/n, (k+1)/n)
         "tensorboard": True,
         "progress_bar": True,
+        # samples while training (train._Samples): every this many steps (0: off) the current weights (the EMA
+        # when kept) sample `sample_prompts` with fixed noise; one extra jit, then flow.num_inference_steps model
+        # forwards per prompt each time, off the step's hot path (the loop waits for them)
+        "sample_every": 0,
+        "sample_prompts": ("a red circle", "a blue square", "a green triangle", "a yellow star"),
+    },
+    "profile": {  # a jax.profiler trace of steps [start_step, start_step + num_steps) in workdir/profile
+        "start_step": 0,  # 0: off
+        "num_steps": 3,
     },
     "checkpoint": {
-        "keep": 2,
+        "keep": 2,  # None: keep every checkpoint
+        "restore_step": None,  # resume from this step instead of the latest (newer steps are set aside)
         "async_save": True,
         "save_frozen": True,  # write the frozen params once per run (workdir/frozen), for sampling
     },
