@@ -42,6 +42,16 @@ _AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def local_path(path: str, what: str = "checkpoint") -> str:
+    """`path` itself, unless it does not exist and reads as a Hugging Face repo id (`owner/name[/sub][@rev]`):
+    then the repo's local snapshot, downloaded only when online (blip3o_jax/hub.py)."""
+    from blip3o_jax import hub
+
+    if os.path.exists(path) or hub.parse_repo_id(os.fspath(path)) is None:
+        return path
+    return hub.resolve_path(path, what=what)
+
+
 def is_converted(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, META_FILE))
 
@@ -268,6 +278,7 @@ def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None 
     import jax.numpy as jnp
     import jax
 
+    path = local_path(path)
     kind, hf = resolve(path, kind)
     if is_converted(path):
         meta = _read_json(os.path.join(path, META_FILE))
@@ -334,6 +345,7 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
     """
     import orbax.checkpoint as ocp
 
+    src = local_path(src)
     src, dst = os.path.abspath(src), os.path.abspath(os.path.normpath(dst))
     kind, hf = resolve(src, kind)
     _check_destination(src, dst, force)

@@ -129,6 +129,7 @@ def load_init_from(spec: str, setup) -> dict:
     abstract = setup.abstract_params
     loaded = {}
     for group, path in _parse_init_from(spec):
+        path = pretrained.local_path(path, what="config.init_from checkpoint")
         if not os.path.isdir(path):
             raise UserError(f"config.init_from: {path} is not a directory")
         kind, _ = pretrained.resolve(path)

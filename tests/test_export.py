@@ -213,3 +213,22 @@ def test_hub_ids_offline_and_paths(tmp_path, monkeypatch):
         hub.resolve_path(str(tmp_path / "missing" / "dir"))  # absolute: a path, not a repo id
     with pytest.raises(hub.HubUnavailableError, match="HF_HUB_OFFLINE"):  # and through the export API
         export.export_release({}, str(tmp_path / "x"), config={"model": {}}, base="BLIP3o/BLIP3o-Model-8B")
+
+
+def test_every_checkpoint_argument_takes_a_hub_id_offline_with_one_line(monkeypatch, tmp_path):
+    """Repo ids are resolved wherever a checkpoint directory is accepted; offline, one line says how to download."""
+    import pytest
+
+    from blip3o_jax import pretrained
+    from blip3o_jax.hub import HubUnavailableError
+    from blip3o_jax.pipelines import sana_decoder, sdxl_decoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for call in (lambda: pretrained.load_pretrained("BLIP3o/BLIP3o-Model-8B"),
+                 lambda: pretrained.convert_checkpoint("BLIP3o/BLIP3o-Model-8B", str(tmp_path / "out")),
+                 lambda: sdxl_decoder.load_sdxl_decoder("BLIP3o/BLIP3o-Model-8B/diffusion-decoder"),
+                 lambda: sana_decoder.load_sana_decoder("BLIP3o/SigLIP2_SANA")):
+        with pytest.raises(HubUnavailableError, match="download it first") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert pretrained.local_path(str(tmp_path)) == str(tmp_path)  # local paths pass through untouched

@@ -157,6 +157,7 @@ def load_sana_decoder(path: str, *, dtype: str | None = None, scheduler: str = "
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}; expected one of {SCHEDULERS}")
+    path = pretrained.local_path(path, what="SANA decoder")
     if not os.path.isdir(path):
         raise ConversionError(f"{path}: no such directory")
     expected = ", ".join(p + "/" for p in PARTS)

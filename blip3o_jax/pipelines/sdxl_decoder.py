@@ -60,6 +60,7 @@ def load_sdxl_decoder(path: str, *, dtype: str | None = None) -> SDXLDecoder:
     from blip3o_jax import pretrained
     from blip3o_jax.convert.common import ConversionError
 
+    path = pretrained.local_path(path, what="diffusion decoder")
     parts = {}
     for name in ("unet", "vae", "scheduler"):
         part = os.path.join(path, name)
