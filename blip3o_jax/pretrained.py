@@ -267,6 +267,62 @@ def restore_params(path: str, target=None):
         return ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
 
 
+def relayout(tree, want):
+    """`tree` rearranged to the layer layout of `want` (a tree of anything with `.shape`): stacked `name` (one
+    `nn.scan` leaf with a leading layer axis) <-> unrolled `name_0`, `name_1`, ... The numbers are the same; a
+    converter's `scan_layers` and a training config's may differ. Keys it cannot match are left for the caller's
+    shape check to report."""
+    import re
+
+    import jax
+
+    if not isinstance(want, dict) or not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, sub in want.items():
+        if key in tree:
+            out[key] = relayout(tree[key], sub)
+            continue
+        m = re.fullmatch(r"(.+)_(\d+)", key)
+        if m and isinstance(tree.get(m.group(1)), dict):  # want unrolled, have stacked
+            i = int(m.group(2))
+            out[key] = relayout(jax.tree.map(lambda x: x[i], tree[m.group(1)]), sub)
+            continue
+        parts = sorted((int(k.rsplit("_", 1)[1]), k) for k in tree if re.fullmatch(re.escape(key) + r"_\d+", k))
+        if parts and [i for i, _ in parts] == list(range(len(parts))):  # want stacked, have unrolled
+            out[key] = relayout(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                             *[tree[k] for _, k in parts]), sub)
+    return out
+
+
+def restore_params_as(path: str, target):
+    """`restore_params` into `target`'s tree (ShapeDtypeStructs with shardings), converting between stacked and
+    unrolled layers when the stored layout differs; ConversionError naming the first mismatch otherwise."""
+    import jax
+
+    try:
+        return restore_params(path, target)
+    except (ValueError, KeyError, TypeError):  # Orbax: structure or shapes differ; try the other layer layout
+        pass
+    stored = jax.tree.map(np.asarray, restore_params(path))
+    moved = relayout(stored, target)
+    flat_want = {"/".join(map(str, k)): v for k, v in _flatten(target).items()}
+    flat_have = {"/".join(map(str, k)): v for k, v in _flatten(moved).items()}
+    for key, want in flat_want.items():
+        if key not in flat_have:
+            raise ConversionError(f"{path}/{PARAMS_DIR}: no param {key!r} for the model's layout")
+        if tuple(flat_have[key].shape) != tuple(want.shape):
+            raise ConversionError(f"{path}/{PARAMS_DIR}: param {key!r} has shape {tuple(flat_have[key].shape)}, "
+                                  f"the model wants {tuple(want.shape)}")
+    return jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), getattr(t, "sharding", None)), moved, target)
+
+
+def _flatten(tree):
+    import flax
+
+    return flax.traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {(): tree}
+
+
 def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None = None, kind: str | None = None,
                     allow_nonfinite: bool = False):
     """(module, params) from a HF directory or our converted output.

@@ -53,7 +53,10 @@ def check_config(config) -> None:
     if m.target != "precomputed" and int(d.gen_image_size) != int(m.image_size):
         raise UserError(f"config.data.gen_image_size={d.gen_image_size} but config.model.image_size={m.image_size}")
     if not d.datasets:
-        raise UserError("config.data.datasets is empty: pass --config.data.datasets=... or use a config that sets it")
+        # list-valued overrides (--config.data.datasets=[...]) are not supported by ml_collections' flags
+        raise UserError("config.data.datasets is empty: give the shards as the config's argument, e.g. "
+                        "--config configs/blip3o_8b.py:'/data/shards/*.tar' (configs/tiny.py:DATA_DIR), or set "
+                        "c.data.datasets in your config file (docs/training.md)")
     und_kind = m.get("und_tower_kind")
     i2t = [ds.get("name", i) for i, ds in enumerate(d.datasets) if ds.get("task") == "i2t"]
     if i2t and und_kind not in (None, "qwen2_5_vl_vision"):
@@ -143,8 +146,9 @@ def load_init_from(spec: str, setup) -> dict:
             raise UserError(f"config.init_from: cannot tell which part of the model {path} (kind {kind}) "
                             f"initialises; write GROUP={path} with GROUP one of {sorted(abstract)}")
         try:
-            loaded[group] = pretrained.restore_params(path, abstract[group])
-        except (ValueError, KeyError, TypeError) as e:  # Orbax: the stored tree's structure or shapes differ
+            # a converted checkpoint with stacked layers fits an unrolled model and the other way round
+            loaded[group] = pretrained.restore_params_as(path, abstract[group])
+        except (ValueError, KeyError, TypeError) as e:  # the stored tree's structure or shapes differ
             raise UserError(f"config.init_from: {path} (kind {kind}) does not fit the model's {group!r}: {e}") from e
     return loaded
 

@@ -42,3 +42,14 @@ def test_image_to_text_rows_with_a_siglip_tower_are_refused():
     config.data.global_batch_size = 8
     with pytest.raises(cli.UserError, match=r"\['caps'\] are image-to-text rows.*'siglip_vision'"):
         train.check_config(config)
+
+
+def test_empty_datasets_hint_can_be_followed():
+    """The hint used to say `--config.data.datasets=...`, which ml_collections' flags cannot take (a list)."""
+    config = cli.load_config(os.path.join(ROOT, "configs", "blip3o_8b.py"))
+    config.data.datasets = []
+    with pytest.raises(cli.UserError, match=r"configs/blip3o_8b.py:'/data/shards/\*.tar'") as info:
+        train.check_config(config)
+    assert "--config.data.datasets=" not in str(info.value)
+    followed = cli.load_config(os.path.join(ROOT, "configs", "blip3o_8b.py") + ":/data/shards/*.tar")
+    assert followed.data.datasets and "/data/shards/*.tar" in str(followed.data.datasets[0]["paths"])

@@ -407,3 +407,44 @@ def test_an_invalid_json_data_set_is_one_line_naming_file_and_line(tmp_path):
         sources.make_source({"name": "caps", "paths": str(bad)})
     with pytest.raises(sources.DatasetError, match="'paths' must be a glob"):
         sources.make_source({"name": "caps"})
+
+
+def test_init_from_converts_between_stacked_and_unrolled_layers(tmp_path):
+    """A converted Qwen3 with stacked (scanned) layers initialises a config with unrolled ones and back: the same
+    numbers. It was refused with a long Orbax dump before."""
+    import dataclasses
+    import json
+
+    import flax
+    import jax
+
+    from blip3o_jax import convert, models, pretrained
+    from blip3o_jax.convert.common import write_safetensors
+    from blip3o_jax.models import qwen as qwen_lib
+    from blip3o_jax.models import registry
+
+    base = qwen_lib.QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
+                               attention_bias=False, tie_word_embeddings=False)
+    scanned, unrolled = (dataclasses.replace(base, scan_layers=s) for s in (True, False))
+    args, kwargs, method = registry.get("qwen3").init_args(scanned)
+    params = flax.linen.unbox(models.build("qwen3", scanned).init(jax.random.PRNGKey(0), *args)["params"])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**qwen_lib.config_to_hf("qwen3", scanned), "scan_layers": True}))
+    write_safetensors(convert.to_torch("qwen3", params, scanned), str(src / "model.safetensors"))
+    pretrained.convert_checkpoint(str(src), str(tmp_path / "dst"), progress=False)
+    stored = pretrained.restore_params(str(tmp_path / "dst"))
+    assert "layers" in stored  # the converter kept the stacked layout
+
+    want = jax.eval_shape(lambda: flax.linen.unbox(models.build("qwen3", unrolled).init(
+        jax.random.PRNGKey(0), *registry.get("qwen3").init_args(unrolled)[0])["params"]))
+    assert "layers_2" in want and "layers" not in want
+    got = pretrained.restore_params_as(str(tmp_path / "dst"), want)
+    for i in range(3):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[i], params["layers"]), got[f"layers_{i}"])
+    back = pretrained.relayout(jax.tree.map(np.asarray, got), stored)
+    jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, stored))
+    wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:-1] + (s.shape[-1] + 1,), s.dtype), want)
+    with pytest.raises(pretrained.ConversionError, match="has shape"):
+        pretrained.restore_params_as(str(tmp_path / "dst"), wrong)
