@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from blip3o_jax import convert, models
+from blip3o_jax.data.tar_index import process_umask
 from blip3o_jax.models import registry
 from blip3o_jax.convert.common import (ConversionError, iter_safetensors, load_state_dict, read_safetensors_header,
                                        read_weight_map)
@@ -354,20 +355,6 @@ def load_pretrained(path: str, *, allow_pickle: bool = False, dtype: str | None 
     return models.build(kind, cfg), jax.tree.map(jnp.asarray, params)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux tells it (changing it races with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _check_destination(src: str, dst: str, force: bool) -> None:
     """Refuses, before anything is read or deleted, a destination that overlaps the source (equal to it, a parent
     of it, or inside it: replacing it would delete the source weights or write into them) and, with or without
@@ -419,7 +406,7 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700 whatever the umask; it becomes dst
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700 whatever the umask; it becomes dst
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
         for name in sorted(os.listdir(cdir)):

@@ -298,7 +298,7 @@ def save_index(index: TarIndex, path: str) -> None:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
             for a in arrays.values():
                 f.write(a.tobytes())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: others sharing the data set could not read it
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes it 0600: others sharing the data set could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -306,7 +306,8 @@ def save_index(index: TarIndex, path: str) -> None:
         raise
 
 
-def _umask() -> int:
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (changing it races with other threads)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
