@@ -1,6 +1,6 @@
 """Runs the frozen target encoder (EVA-CLIP-E/14+ for the release) once over the image shards of a training config
 and writes the target grids into companion shards, so training reads them instead of decoding images and
-re-running a 4.35B-parameter encoder on every epoch (~9.4 TFLOPs per image, reference §5.2).
+re-running a 4.35B-parameter encoder on every epoch (~9.4 TFLOPs per image).
 
     blip3o-precompute --config configs/blip3o_8b.py:/data/shards/*.tar \
         --config.init_from=gen_encoder=/ckpt/eva_clip_e14_plus [--batch 256] [--dtype bfloat16]

@@ -1,6 +1,6 @@
 """Image preprocessing for the three vision towers, in NumPy/PIL only (no torch at run time).
 
-Reference: ../shared/reference/blip3o.md §1.2 (Qwen2.5-VL), §1.3 (EVA-CLIP), §1.8/§1.9 (SigLIP), §3.4 (data).
+Qwen2.5-VL, EVA-CLIP and SigLIP inputs, as the original BLIP3-o data code and transformers' image processors.
 Hosts produce `uint8` arrays (H, W, 3); `normalize` turns them into float32 on the device inside the jitted step
 (a quarter of the host-to-device bytes and no float work on the host). Qwen2.5-VL's flattened patches are float32
 already, as transformers' processor emits them.
@@ -40,7 +40,7 @@ from PIL import Image
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
 
-# Qwen2.5-VL's preprocessor_config.json (reference §1.2): its patches are normalised here, on the host
+# Qwen2.5-VL's preprocessor_config.json: its patches are normalised here, on the host
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384  # 12,845,056
 QWEN_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's

@@ -6,10 +6,10 @@
     images = sampler.to_images(grids)                      # uint8 (B, S, S, 3) for pixel targets
 
 Prompts are built by `data.prompts.t2i_prompt_ids`, the same function the training data uses, in the same format
-(`config.data.prompt_format`), so the model sees at inference what it was trained on (reference §7 item 2).
-The sampler is Euler + classifier-free guidance with zero null conditioning (reference §1.6, §4).
+(`config.data.prompt_format`), so the model sees at inference what it was trained on.
+The sampler is Euler + classifier-free guidance with zero null conditioning.
 For EVA-CLIP targets the result is the 8x8x1792 feature grid; turning it into pixels needs the release's separate
-SDXL-UNet decoder (reference §1.7), not part of this package.
+SDXL-UNet decoder, not part of this package.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class Sampler:
         """uint8 (B, S, S, 3) from generated pixel grids in [-1, 1]."""
         if self.mcfg.target != "pixels":
             raise ValueError(f"target {self.mcfg.target!r} generates features; decoding them to pixels needs the "
-                             "release's separate diffusion decoder (reference §1.7)")
+                             "release's separate diffusion decoder")
         x = np.asarray(grids, np.float32)
         return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

@@ -1,5 +1,5 @@
 """BLIP3o-4B pretraining: the 8B recipe (configs/blip3o_8b.py) with the Qwen2.5-VL-3B text model (2048 wide, tied
-embeddings) as the frozen backbone; the DiT's caption projection takes 2048-wide query states (reference §1.5).
+embeddings) as the frozen backbone; the DiT's caption projection takes 2048-wide query states.
 
     python -m blip3o_jax.train --config configs/blip3o_4b.py --workdir gs://BUCKET/blip3o_4b \
         --config.init_from=backbone=/ckpt/qwen2_5_vl_3b_text,gen_encoder=/ckpt/eva_clip_e14_plus

@@ -1,4 +1,4 @@
-"""Instruction tuning on BLIP3o-60k (reference §3.2 SFT column): start from a pretrained BLIP3-o checkpoint, same
+"""Instruction tuning on BLIP3o-60k: start from a pretrained BLIP3-o checkpoint, same
 optimizer, cosine to 0, >= 10k steps. Argument: `8b` (default) or `4b`, optionally `,SHARDS` (glob of the tars).
 
     python -m blip3o_jax.train --config 'configs/blip3o_60k_sft.py:8b,gs://BUCKET/BLIP3o-60k/*.tar' \

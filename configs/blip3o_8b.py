@@ -1,4 +1,4 @@
-"""BLIP3o-8B pretraining, the released recipe (reference §1, §3): frozen Qwen2.5-VL-7B text model, 64 latent
+"""BLIP3o-8B pretraining, the released recipe: frozen Qwen2.5-VL-7B text model, 64 latent
 queries, the 1.4B Lumina-Next DiT generating 8x8x1792 EVA-CLIP-E/14+ features of 448 px images by flow matching.
 
     python -m blip3o_jax.train --config configs/blip3o_8b.py --workdir gs://BUCKET/blip3o_8b \
@@ -40,21 +40,21 @@ def get_config(arg: str = "", backbone: str = "qwen2_5_vl_7b"):
     c.model.backbone = dict(hf, dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=True,
                             remat_policy="dots_no_batch", attention_impl="xla")
     c.model.n_query = ml_collections.FieldReference(64)
-    c.model.query_init_std = 1.0  # torch.randn as the original (§1.4)
+    c.model.query_init_std = 1.0  # torch.randn as the original
     c.model.target = "eva_clip"
     c.model.image_size = ml_collections.FieldReference(448)
     c.model.gen_encoder_kind = "eva_clip"
     c.model.gen_encoder = dict(image_size=448, patch_size=14, width=1792, layers=64, head_width=112,
                                mlp_ratio=8.571428571428571, pool_stride=4, dtype="bfloat16", param_dtype="float32",
                                scan_layers=True, remat=False)
-    # NextDiTCrossAttn (§1.5); latent_embedding_size = the backbone width (filled in by the model config)
+    # NextDiTCrossAttn; latent_embedding_size = the backbone width (filled in by the model config)
     c.model.dit = dict(input_size=8, patch_size=1, in_channels=1792, dim=1792, n_layers=24, n_heads=28,
                        n_kv_heads=28, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                        dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=True, remat_policy="full")
     c.model.loss = "clip_fm"
     c.model.query_path = "auto"  # prefix_cache while the backbone is frozen (exact; no prompt backward), else full
 
-    # §1.6: uniform t over 1000 steps, 10 % condition drop; 30 Euler steps, CFG 3.0 at inference
+    # flow matching: uniform t over 1000 steps, 10 % condition drop; 30 Euler steps, CFG 3.0 at inference
     c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.1, num_inference_steps=30, guidance_scale=3.0))
 
     c.data = pipeline.default_config()
@@ -77,10 +77,10 @@ def get_config(arg: str = "", backbone: str = "qwen2_5_vl_7b"):
     c.train.warmup_steps = 0
     c.train.b1, c.train.b2, c.train.eps = 0.9, 0.999, 1e-8
     c.train.weight_decay = 0.0
-    c.train.grad_clip_norm = 1.0  # the config without clipping diverged (§7.11, issue #75)
+    c.train.grad_clip_norm = 1.0  # the config without clipping diverged (issue #75)
     c.train.grad_accum_steps = 1
     c.train.freeze_backbone = True
-    c.train.text_loss_weight = 0.0  # T2I only: the LM head is skipped entirely (§7.4)
+    c.train.text_loss_weight = 0.0  # T2I only: the LM head is skipped entirely
     c.train.frozen_param_dtype = "bfloat16"
     c.train.max_consecutive_nonfinite = 20
 

@@ -1,4 +1,4 @@
-"""BLIP3-o's Qwen3-SigLIP2 branch (reference §1.9): a Qwen3 backbone (default Qwen3-1.7B), SigLIP2-so400m/16@512 as
+"""BLIP3-o's Qwen3-SigLIP2 branch: a Qwen3 backbone (default Qwen3-1.7B), SigLIP2-so400m/16@512 as
 the frozen understanding tower with a trainable mlp2x_gelu projector, the same EVA-CLIP 8x8x1792 generation
 target and DiT (caption projection from the Qwen3 width).
 
@@ -40,10 +40,10 @@ def get_config(arg: str = "joint"):
     ]
     c.data.tokenizer = "/ckpt/qwen3_1_7b"
     c.data.seq_buckets = (512, 2048)  # run.sh: model_max_length 2048 (1024 SigLIP tokens per understanding image)
-    c.data.tokens.image_start = "[IMG]"  # added tokens; the branch's collator wrongly used 151665 (§7 item 3)
+    c.data.tokens.image_start = "[IMG]"  # added tokens; the branch's collator wrongly used 151665
     c.data.global_batch_size = 512
     c.train.freeze_backbone = mode == "sequential"
-    c.train.text_loss_weight = 1.0 if mode == "joint" else 0.0  # total = flow matching + CE (§1.9)
+    c.train.text_loss_weight = 1.0 if mode == "joint" else 0.0  # total = flow matching + CE
     c.model.query_path = "auto"  # prefix caching when the backbone is frozen and there is no text loss
     c.train.total_steps = 100_000
     return c

@@ -1,7 +1,7 @@
 """Released Qwen backbones of BLIP3-o, with the exact hyper-parameters of their transformers config.json.
 
-Reference §1.1: BLIP3o-4B / 8B use the text model of Qwen2.5-VL-3B / 7B-Instruct (M-RoPE sections (16, 24, 24),
-q/k/v bias); §1.9: the Qwen3-SigLIP2 branch takes any Qwen3 (run.sh: Qwen3-1.7B). Qwen3 values are those of the
+BLIP3o-4B / 8B use the text model of Qwen2.5-VL-3B / 7B-Instruct (M-RoPE sections (16, 24, 24),
+q/k/v bias); the Qwen3-SigLIP2 branch takes any Qwen3 (run.sh: Qwen3-1.7B). Qwen3 values are those of the
 Qwen/Qwen3-* config.json files (head_dim 128, q/k RMSNorm, no bias, max_position_embeddings 40960).
 
     from blip3o_jax.models import qwen
@@ -10,7 +10,7 @@ Qwen/Qwen3-* config.json files (head_dim 128, q/k RMSNorm, no bias, max_position
 
 `model.hf` holds transformers field names (read by `qwen.config_from_hf`); `model.policy` our dtype / scan / remat
 policy. Vocabulary sizes are those of the base checkpoints; BLIP3-o's released checkpoints resize the embedding to
-151668 (reference §1.1), which their own config.json carries.
+151668, which their own config.json carries.
 """
 import ml_collections
 

@@ -39,7 +39,7 @@ def get_config(data_dir: str = ""):
         scan_layers=False,  # 2 layers: nothing to gain from scanning, and unrolled layers run faster on CPU
     )
     c.model.n_query = ml_collections.FieldReference(16)
-    c.model.query_init_std = 0.2  # the release uses N(0, 1) (reference §7.19); at toy width 0.2 trains faster
+    c.model.query_init_std = 0.2  # the release uses N(0, 1); at toy width 0.2 trains faster
     c.model.target = "pixels"
     c.model.image_size = ml_collections.FieldReference(32)
     c.model.dit = dict(

@@ -42,7 +42,7 @@ IMAGE_SIZE = 448
 
 
 def original_transform(image, caption, tok):
-    """BLIP3-o's per-sample work (reference §1.3, §3.4): RGB, Resize(448, bicubic) of the whole image, CenterCrop,
+    """BLIP3-o's per-sample work: RGB, Resize(448, bicubic) of the whole image, CenterCrop,
     ToTensor + Normalize (float32 CHW), and the prompt tokens."""
     from PIL import Image
 

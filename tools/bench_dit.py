@@ -3,7 +3,7 @@
   ours   models/dit.py + diffusion/flow_matching.py: one jitted train step (flow-matching loss, grad, AdamW,
          donated state), and the 30-step Euler + CFG sampler as one jitted `fori_loop`
   torch  diffusers `PixArtAlphaTextProjection` + `LuminaNextDiT2DModel(cross_attention_dim=dim)` composed as
-         BLIP3o's `NextDiTCrossAttn` (reference §1.5), the original's training-loss code (§1.6) with
+         BLIP3o's `NextDiTCrossAttn`, the original's training-loss code with
          torch.optim.AdamW, and the original's `sample_images` loop with `FlowMatchEulerDiscreteScheduler`
 
 Both in fp32 on the same inputs and the same machine. Reports median seconds per step after warm-up (first call =
@@ -139,7 +139,7 @@ def bench_torch(cfg, a, x0, cond):
     z = torch.from_numpy(np.asarray(cond))
 
     def train_step():
-        # the original's loss (blip3o_qwen.py, §1.6): u -> index -> timesteps, sigma lookup, mask_drop(0.1)
+        # the original's loss (blip3o_qwen.py): u -> index -> timesteps, sigma lookup, mask_drop(0.1)
         bsz = latents.shape[0]
         noise = torch.randn_like(latents)
         u = torch.rand(size=(bsz,))

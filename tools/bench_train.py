@@ -5,8 +5,8 @@
          AdamW (+ clipping) on the DiT and the queries, donated state
   torch  transformers `Qwen3ForCausalLM` (frozen; requires_grad False, activation gradients still flow to the
          queries) + `latent_queries` + diffusers `PixArtAlphaTextProjection` + `LuminaNextDiT2DModel
-         (cross_attention_dim=dim)` (the original's `NextDiTCrossAttn`, reference §1.5), the original's loss code
-         (§1.6), `clip_grad_norm_(1.0)` and `torch.optim.AdamW` over the trainable parameters
+         (cross_attention_dim=dim)` (the original's `NextDiTCrossAttn`), the original's loss code,
+         `clip_grad_norm_(1.0)` and `torch.optim.AdamW` over the trainable parameters
 
 Same shapes, fp32, targets given (precomputed: no encoder in either step). Rounds alternate ours and torch so that
 load on a shared machine hits both alike; medians after warm-up (first call = compile, reported separately),
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--scan", action="store_true",
                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
                         "configs (a scanned step runs ~20%% slower on XLA:CPU)")
-    # issue 7: where a frozen-backbone step spends its FLOPs (reference §5.2), ours only
+    # issue 7: where a frozen-backbone step spends its FLOPs, ours only
     p.add_argument("--modes", default=None,
                    help="comma list of full,prefix,precomputed: time our step in each mode instead of ours vs "
                         "torch. full = full-sequence backbone pass + in-step EVA-CLIP targets; prefix = "

@@ -1,6 +1,6 @@
 """A whole BLIP3-o checkpoint <-> our params: the sub-converters of each part, composed by key prefix.
 
-Key layout of the original (`blip3oQwenForCausalLM`, reference §7 "Weight-name mapping"; transformers 4.51 layout):
+Key layout of the original (`blip3oQwenForCausalLM`, transformers 4.51 layout):
   model.latent_queries                          -> latent_queries (1, n_query, D)
   model.dit.model.*                             -> dit            (convert/dit.py)
   model.gen_vision_tower.vision_tower.model.*   -> gen_encoder    (convert/eva_clip.py; EVA-CLIP-E/14+)

@@ -1,7 +1,6 @@
 """DiT weights: the original's `NextDiTCrossAttn` state dict <-> our `models/dit.py` params.
 
-Torch names are those of the module tree under `model.dit.model.` in a BLIP3o checkpoint (reference §7,
-"Weight-name mapping"): the modified `LuminaNextDiT2DModel` with its `caption_projection`. The prefix may be
+Torch names are those of the module tree under `model.dit.model.` in a BLIP3o checkpoint: the modified `LuminaNextDiT2DModel` with its `caption_projection`. The prefix may be
 present (`model.dit.model.`, `dit.model.`, `model.dit.`) or absent. diffusers' unused `pad_token` (present in
 newer diffusers `LuminaNextDiT2DModel`s, absent from the original) is accepted and dropped.
 

@@ -5,7 +5,7 @@ Checkpoint layouts read:
   `lm_head.weight` (absent when the embeddings are tied).
 - Qwen2_5_VLForConditionalGeneration: the layout transformers (4.x and 5.24's `save_pretrained`) writes, which is the
   one above plus `visual.*`; and the in-memory 5.x layout `model.language_model.*` / `model.visual.*`. The vision
-  keys belong to the vision converter and are ignored here (reference §8: the Qwen ViT is `visual.*`).
+  keys belong to the vision converter and are ignored here.
 `to_torch` writes the layout `save_pretrained` writes for each kind (the first one).
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ Batch schema (dict of NumPy arrays, B = global_batch_size / process_count rows, 
     und_index       (B, N/4) int32  positions of the <|image_pad|> slots (merged vision tokens go there)
     mrope_positions (B, 3, L) int32  Qwen2.5-VL 3-D rotary positions (text rows: positions on all three)
 
-Token layout of a text-to-image row (reference §2.3, prompts.t2i_prompt_ids): chat prompt, [IMG], n_query x
+Token layout of a text-to-image row: chat prompt, [IMG], n_query x
 <image>, padding. Use `make_global_batch` to turn a host batch into global `jax.Array`s sharded over
 (data, fsdp).
 """
@@ -72,7 +72,7 @@ def default_config():
     c.datasets = []
     c.tokenizer = ""  # local directory of a transformers tokenizer
     c.global_batch_size = 16
-    c.seq_buckets = (512,)  # original: 447 prompt tokens + [IMG] + 64 queries = 512 (§2.3)
+    c.seq_buckets = (512,)  # original: 447 prompt tokens + [IMG] + 64 queries = 512
     c.n_query = 64
     c.gen_image_size = 448
     c.und_image_size = 448

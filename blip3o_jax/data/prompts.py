@@ -1,19 +1,19 @@
 """The prompt format, in one place, for training and inference.
 
-Text-to-image (reference §2.3). The original trained on
+Text-to-image. The original trained on
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\nPlease generate image based on
     the following caption: {caption}<|im_end|>\\n<|im_start|>assistant\\n<|im_end|>\\n[IMG]<image>×n_query
 
-but sampled without the `<|im_end|>\\n` after the empty assistant turn (§7 item 2). Here `t2i_prompt_ids` is the
+but sampled without the `<|im_end|>\\n` after the empty assistant turn. Here `t2i_prompt_ids` is the
 only function that builds this sequence, used by the data pipeline and by the sampler alike; its default
 `prompt_format="train"` is the training layout, so released weights see at inference what they were trained on.
 `prompt_format="chatml"` gives the original inference layout (to reproduce the original sampler exactly).
 
 Token ids are always looked up in the tokenizer from the token *names* below (configurable), never hard-coded
-(§7 item 1: the original hard-codes 151665/151667 and 64).
+(the original hard-codes 151665/151667 and 64).
 
-Understanding and text-only data use the Qwen chat template (§2.2, §2.4): each turn is
+Understanding and text-only data use the Qwen chat template: each turn is
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`; an image in a user turn becomes
 `<|vision_start|><|image_pad|>×N<|vision_end|>`; the loss covers the assistant contents and their `<|im_end|>`.
 """
@@ -33,7 +33,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 @dataclasses.dataclass(frozen=True)
 class TokenNames:
-    """Names of the special tokens of the prompt format (Qwen2.5 + BLIP3-o additions, reference §2.1)."""
+    """Names of the special tokens of the prompt format (Qwen2.5 + BLIP3-o additions)."""
 
     pad: str | None = None  # None: the tokenizer's own pad token (Qwen: <|endoftext|>)
     im_start: str = "<|im_start|>"
@@ -104,7 +104,7 @@ def t2i_prompt_text(caption: str, prompt_format: str = "train", names: TokenName
                                                                  names)
     text += f"{names.im_start}assistant\n"
     if prompt_format == "train":
-        text += f"{names.im_end}\n"  # the empty assistant turn closed, as in training (§2.3)
+        text += f"{names.im_end}\n"  # the empty assistant turn closed, as in training
     return text
 
 
@@ -209,7 +209,7 @@ def conversation_ids(tokenizer, conversations: Sequence[dict], *, n_image_tokens
 
 def mrope_positions(ids: np.ndarray, grids: Sequence[Sequence[int]], image_pad_id: int,
                     merge_size: int = 2) -> np.ndarray:
-    """Qwen2.5-VL 3-D rotary positions (3, L) for a sequence with still images (reference §7 item 6).
+    """Qwen2.5-VL 3-D rotary positions (3, L) for a sequence with still images.
 
     Text tokens advance all three axes together; the merged tokens of an image (grid t, h, w in patches) get
     (t, row, column) offsets from the position after the preceding text; text after an image resumes at the

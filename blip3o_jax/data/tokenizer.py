@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from blip3o_jax.data import prompts
 
-# Qwen2.5 special tokens used by the prompt format (§2.1-2.4 of the reference), in Qwen's order, then the
+# Qwen2.5 special tokens used by the prompt format, in Qwen's order, then the
 # BLIP3-o additions in their added order ([IMG], [/IMG], <image>).
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>")

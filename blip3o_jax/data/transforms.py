@@ -26,15 +26,15 @@ TASKS = {"t2i": 0, "i2t": 1, "text": 2}
 @dataclasses.dataclass(frozen=True)
 class TransformConfig:
     seq_buckets: tuple[int, ...] = (512,)  # padded lengths; a batch takes the smallest that fits all its rows
-    n_query: int = 64  # latent-query slots after [IMG] (reference §1.4)
-    gen_image_size: int = 448  # EVA-CLIP input (§1.3)
+    n_query: int = 64  # latent-query slots after [IMG]
+    gen_image_size: int = 448  # EVA-CLIP input
     prompt_format: str = "train"  # see prompts.py
     token_names: prompts.TokenNames = prompts.TokenNames()
     system_prompt: str = prompts.SYSTEM_PROMPT
     min_image_size: int = 16  # shorter side, px, of the original image
     max_aspect_ratio: float = 20.0
     jpeg_draft: bool = True
-    und_image_size: int = 448  # understanding images: resize + centre crop, then Qwen2.5-VL patches (§1.2)
+    und_image_size: int = 448  # understanding images: resize + centre crop, then Qwen2.5-VL patches
     # Qwen2.5-VL patch geometry (the tower's config: patch_size, temporal_patch_size, spatial_merge_size)
     und_patch_size: int = 14
     und_temporal_patch_size: int = 2

@@ -1,4 +1,4 @@
-"""Rectified-flow training loss and the Euler + classifier-free-guidance sampler of BLIP3-o (reference §1.6, §4).
+"""Rectified-flow training loss and the Euler + classifier-free-guidance sampler of BLIP3-o.
 
 Conventions (as the original, which uses diffusers' `FlowMatchEulerDiscreteScheduler`, 1000 train steps, shift 1):
 

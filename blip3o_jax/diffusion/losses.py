@@ -1,4 +1,4 @@
-"""The `clip_mse` objective of BLIP3-o (reference §3.1): deterministic regression of the CLIP grid from the query
+"""The `clip_mse` objective of BLIP3-o: deterministic regression of the CLIP grid from the query
 states. A small projection head (models/dit.py `MSEHead`: Linear -> GELU(tanh) -> Linear, per token) maps the
 N = (H/p)·(W/p) query states (B, N, D_llm) to the (B, H, W, C) grid in row-major token order, trained with a plain
 fp32 MSE. No noise, no CFG; generation is one head call. The paper's definition; the original release has no code

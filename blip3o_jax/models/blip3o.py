@@ -1,9 +1,9 @@
 """BLIP3-o: a Qwen backbone, learnable latent queries, and a DiT that generates image features from them.
 
-Text-to-image (reference §0, §2.3a): the prompt's token embeddings with `n_query` latent-query embeddings placed at
+Text-to-image: the prompt's token embeddings with `n_query` latent-query embeddings placed at
 the query slots go through the (frozen) backbone; the final-norm hidden states *at* the query slots (no shift) are
 the DiT's condition. The DiT predicts the flow-matching velocity of the target grid:
-- `eva_clip`: 8x8x1792 EVA-CLIP-E/14+ features of the 448 px image (the release, §1.3), computed by the frozen
+- `eva_clip`: 8x8x1792 EVA-CLIP-E/14+ features of the 448 px image (the release), computed by the frozen
   `gen_encoder` in a no-grad function of the train step;
 - `vae`: the latents of a frozen KL autoencoder (`gen_encoder` of kind `autoencoder_kl`): the mode of its
   posterior, normalised as diffusers pipelines feed latents to their denoiser (the original README's "VAE + flow
@@ -99,18 +99,18 @@ class Blip3oConfig:
     backbone_kind: str = "qwen2_5_vl_text"
     backbone: qwen_lib.QwenConfig = dataclasses.field(default_factory=qwen_lib.QwenConfig)
     dit: dit_lib.DiTConfig = dataclasses.field(default_factory=dit_lib.DiTConfig)
-    n_query: int = 64  # latent queries (reference §1.4)
-    query_init_std: float = 1.0  # torch.randn as the original (§7.19: keep for checkpoint compatibility)
+    n_query: int = 64  # latent queries
+    query_init_std: float = 1.0  # torch.randn as the original (keep for checkpoint compatibility)
     target: str = "eva_clip"  # eva_clip | vae | precomputed | pixels
     gen_encoder_kind: str | None = "eva_clip"  # the kind TARGET_MODULES names for the target
     gen_encoder: Any = None  # the encoder's config dataclass (models/eva_clip.py, models/autoencoder_kl.py)
     image_size: int = 448  # side of the generation image the data delivers
     target_grid: int = 8  # side of the DiT's input grid: 8 (pooled EVA features), S/f (VAE), image_size (pixels)
     target_channels: int = 1792  # channels of the DiT's input grid
-    loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly, §3.1)
+    loss: str = "clip_fm"  # clip_fm (flow matching, the release) | clip_mse (regress the grid directly)
     query_path: str = "full"  # full | prefix_cache | auto (see QUERY_PATHS)
     # understanding tower (optional; image-to-text training): the Qwen2.5-VL ViT (its merger already outputs the
-    # LLM width, §1.2) or SigLIP + a trainable mlp2x_gelu projector (Qwen3-SigLIP2 branch, §1.9)
+    # LLM width) or SigLIP + a trainable mlp2x_gelu projector (Qwen3-SigLIP2 branch)
     und_tower_kind: str | None = None  # None | qwen2_5_vl_vision | siglip_vision
     und_tower: Any = None
     und_image_size: int = 448
@@ -127,7 +127,7 @@ class Blip3oConfig:
         if self.dit.latent_embedding_size != self.backbone.hidden_size:
             raise ValueError(
                 f"the DiT's latent_embedding_size {self.dit.latent_embedding_size} must equal the backbone width "
-                f"{self.backbone.hidden_size} (the query states enter the DiT's caption projection directly, §1.4)"
+                f"{self.backbone.hidden_size} (the query states enter the DiT's caption projection directly)"
             )
         if self.dit.in_channels != self.target_channels or self.dit.input_size != self.target_grid:
             raise ValueError(
@@ -191,7 +191,7 @@ def config_from_hf(kind: str, hf: dict) -> Blip3oConfig:
         rest.setdefault("target_channels", dit.in_channels)
         rest.setdefault("target_grid", dit.input_size)
         return Blip3oConfig(backbone=backbone, dit=dit, gen_encoder=gen_encoder, und_tower=und_tower, **rest)
-    # a released checkpoint's config.json (reference §1.1, §1.4, §1.5, §8)
+    # a released checkpoint's config.json
     backbone_kind = "qwen2_5_vl_text" if hf.get("model_type", "").startswith("qwen2_5_vl") or "vision_config" in hf \
         else hf.get("model_type", "qwen2_5_vl_text")
     if backbone_kind.startswith("blip3o"):
@@ -307,7 +307,7 @@ class Blip3o(nn.Module):
             tokens = self.visual(und_inputs.reshape(B * N, P), layout)  # (B * N / merge², D), images in order
             return tokens.reshape(B, -1, tokens.shape[-1])
         if cfg.und_tower_kind == "siglip_vision":
-            return self.mm_projector(self.visual.encode_uint8(und_inputs))  # last_hidden_state -> mlp2x_gelu (§1.9)
+            return self.mm_projector(self.visual.encode_uint8(und_inputs))  # last_hidden_state -> mlp2x_gelu
         raise ValueError("this model has no understanding tower (model.und_tower_kind is None)")
 
     # -- generation ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """BLIP3-o's diffusion transformer: Lumina-Next `NextDiT` with cross-attention to the LLM's query states.
 
-Exactly the forward of the original `NextDiTCrossAttn` (reference §1.5), i.e. a `PixArtAlphaTextProjection`
+Exactly the forward of the original `NextDiTCrossAttn`, i.e. a `PixArtAlphaTextProjection`
 in front of diffusers' `LuminaNextDiT2DModel(cross_attention_dim=dim)`, with the 2-D RoPE table of
 `get_2d_rotary_pos_embed_lumina`. Differences in *layout only* (no numerical difference):
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from blip3o_jax.models import layers, registry
 
-ROPE_THETA = 10000.0  # get_1d_rotary_pos_embed default, linear_factor = ntk_factor = 1 (§1.5 step 2)
+ROPE_THETA = 10000.0  # get_1d_rotary_pos_embed default, linear_factor = ntk_factor = 1
 TIME_FREQ_CHANNELS = 256  # LuminaCombinedTimestepCaptionEmbedding.frequency_embedding_size
 MAX_TEMB_DIM = 1024  # the time/caption embedding width is min(dim, 1024)
 
@@ -260,7 +260,7 @@ def _rms(cfg: DiTConfig, name: str):
 
 
 class DiTBlock(nn.Module):
-    """LuminaNextDiTBlock (§1.5 step 5). Call signature is scan-friendly: returns (h, None)."""
+    """LuminaNextDiTBlock. Call signature is scan-friendly: returns (h, None)."""
 
     cfg: DiTConfig
 

@@ -1,6 +1,6 @@
 """EVA-CLIP-E/14-plus vision tower: the frozen encoder whose pooled features are BLIP3-o's generation target.
 
-Reference: ../shared/reference/blip3o.md §1.3. The original is `EVAVisionTransformer` in BLIP3o's
+The original is `EVAVisionTransformer` in BLIP3o's
 `blip3o/model/multimodal_encoder/eva_clip/eva_vit.py` (adapted from BAAI's EVA-CLIP): a plain ViT with a CLS
 token, learned absolute position embedding, one fused qkv Linear with bias, exact-erf GELU MLP and
 **post-norm** blocks (`x += LN(attn(x)); x += LN(mlp(x))`), LayerNorm eps 1e-6, no RoPE, no layer scale, no final

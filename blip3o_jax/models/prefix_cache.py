@@ -1,6 +1,6 @@
 """Exact latent-query states without the prompt's backward pass (BLIP3-o with a frozen backbone).
 
-In a text-to-image row the `n_query` latent queries sit *after* the prompt (reference §2.3a: chat prompt, [IMG],
+In a text-to-image row the `n_query` latent queries sit *after* the prompt (chat prompt, [IMG],
 64 query slots, padding) in a causal LM, so the prompt's hidden states, and its per-layer keys and values, do not
 depend on the queries. With a frozen backbone the only gradient the backbone has to carry is the one reaching the
 queries, and it never flows through the prompt's positions. So:
@@ -12,7 +12,7 @@ queries, and it never flows through the prompt's positions. So:
 The query states equal the full-sequence pass (same keys, same values, same positions, same mask; only the order
 of floating-point sums inside the attention may differ), and so do the loss and every gradient of the queries and
 the DiT. What disappears is the backward (and any rematerialisation) over the prompt: per sample the backbone
-costs forward(L_prompt) + ~2-3 x forward(n_query) instead of ~2-3 x forward(L) (reference §5.2).
+costs forward(L_prompt) + ~2-3 x forward(n_query) instead of ~2-3 x forward(L).
 
 Static shapes: the prompt chunk is the first `L - n_query` tokens of the row for every row (a row's prompt plus
 its `n_query` slots fit in L, so its prompt fits in L - n_query); slots at or after a row's first query slot are

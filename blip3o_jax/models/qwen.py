@@ -1,6 +1,6 @@
 """Qwen decoder-only language models: Qwen2, the Qwen2.5-VL text model (M-RoPE) and Qwen3 (q/k RMSNorm).
 
-One module covers the three families BLIP3-o builds on (reference §1.1: Qwen2.5-VL-3B/7B text models; §1.9: any
+One module covers the three families BLIP3-o builds on (Qwen2.5-VL-3B/7B text models; the Qwen3-SigLIP2 branch: any
 Qwen3). Parameter names mirror transformers (`embed_tokens`, `layers/self_attn/q_proj`, `mlp/gate_proj`,
 `input_layernorm`, `norm`, `lm_head`) so that `convert/qwen.py` is a table of renames and transposes.
 

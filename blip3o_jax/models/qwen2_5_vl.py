@@ -1,4 +1,4 @@
-"""Full Qwen2.5-VL (image understanding): vision tower + Qwen2.5-VL text model with 3-D M-RoPE, reference §1.1-1.2.
+"""Full Qwen2.5-VL (image understanding): vision tower + Qwen2.5-VL text model with 3-D M-RoPE.
 
 As transformers' `Qwen2_5_VLForConditionalGeneration` for images: the tower's merged tokens replace the embeddings
 of the `<|image_pad|>` tokens (in order, row-major over the batch), and every token gets a (t, h, w) position as
@@ -11,7 +11,7 @@ selects (`jnp.take` + `jnp.where`, no boolean scatter). The host helpers that ru
 `generate`: prefill from the spliced `inputs_embeds` at the M-RoPE positions, then decode at `rope_delta`-shifted
 1-D positions exactly as transformers does) are `qwen2_5_vl_logits` / `qwen2_5_vl_generate` in `generation.py`.
 
-Note: BLIP3-o's own generation path calls the text model with plain 1-D positions (reference §1.1 "Positions");
+Note: BLIP3-o's own generation path calls the text model with plain 1-D positions;
 this module is the understanding path, which uses the real M-RoPE positions.
 """
 from __future__ import annotations

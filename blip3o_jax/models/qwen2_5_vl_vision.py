@@ -1,4 +1,4 @@
-"""Qwen2.5-VL vision tower (the understanding ViT, `model.visual`), reference §1.2.
+"""Qwen2.5-VL vision tower (the understanding ViT, `model.visual`).
 
 Same inputs and outputs as transformers' `Qwen2_5_VisionTransformerPretrainedModel`: flattened patches
 (N, C·T·P·P) in the image processor's order plus `grid_thw` (n_images, 3) -> merged tokens

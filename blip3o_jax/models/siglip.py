@@ -1,11 +1,11 @@
 """SigLIP vision tower (transformers' `SiglipVisionModel`), with a selectable output layer.
 
-Reference: ../shared/reference/blip3o.md §1.8, §1.9. BLIP3-o uses `google/siglip2-so400m-patch16-512` (the
+BLIP3-o uses `google/siglip2-so400m-patch16-512` (the
 fixed-resolution SigLIP2 checkpoints have the SigLIP architecture): 512 px, patch 16 -> 32x32 = 1024 tokens of
 width 1152, 27 pre-norm layers, tanh-GELU MLP 4304, LayerNorm eps 1e-6.
-- `output_layer="last"`: `last_hidden_state` after `post_layernorm` (Qwen3-SigLIP2 understanding tower, §1.9).
+- `output_layer="last"`: `last_hidden_state` after `post_layernorm` (Qwen3-SigLIP2 understanding tower).
 - `output_layer="penultimate"`: `hidden_states[-2]`, the output of the second-to-last encoder layer without the
-  post-LayerNorm (SigLIP2 + SANA encoder, §1.8). Only the layers that feed the output are built and run: the last
+  post-LayerNorm (SigLIP2 + SANA encoder). Only the layers that feed the output are built and run: the last
   layer, post_layernorm and the attention-pooling head are not parameters of this module (the converter names
   them as knowingly skipped).
 The pooling head (`pooler_output`) is used by neither variant and is not implemented.

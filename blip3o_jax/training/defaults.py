@@ -13,7 +13,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "init_from": "",  # comma-separated [group=]DIR of converted weights (train.load_init_from)
     },
     "train": {
-        "freeze_backbone": True,  # the release trains the DiT and the latent queries only (reference §3.3)
+        "freeze_backbone": True,  # the release trains the DiT and the latent queries only
         "text_loss_weight": 0.0,  # > 0: next-token loss on text rows too (joint training)
         "grad_accum_steps": 1,
         "frozen_param_dtype": "float32",

@@ -1,7 +1,7 @@
 """What a run reports and where: stdout, a JSONL file and TensorBoard event files; FLOPs and MFU.
 
 Only process 0 writes. Every metric a user needs to judge a BLIP3-o run is here: the flow-matching loss is flat and
-says little (reference §6.5, issues #16/#17/#82), so the step also reports the loss per σ bucket, the gradient,
+says little, so the step also reports the loss per σ bucket, the gradient,
 update and parameter norms (grad-norm spikes precede divergence, issue #75), and throughput as samples/s and MFU.
 """
 from __future__ import annotations
@@ -59,8 +59,8 @@ def train_flops_per_sample(mcfg, *, seq_len: int, trainable, text_loss: bool) ->
     """Analytic training FLOPs per sample of each part (model FLOPs: multiply-add = 2, recompute not counted).
 
     backbone: forward over `seq_len` tokens; a frozen backbone still runs the backward for activation gradients
-    (to reach the latent queries) ~ 1x forward, a trained one ~ 2x forward. The LM head only with a text loss
-    (reference §7.4). DiT (or the clip_mse head): forward + backward = 3x forward. Generation encoder: forward only.
+    (to reach the latent queries) ~ 1x forward, a trained one ~ 2x forward. The LM head only with a text loss.
+    DiT (or the clip_mse head): forward + backward = 3x forward. Generation encoder: forward only.
     """
     from blip3o_jax.models import dit as dit_lib
     from blip3o_jax.models import qwen as qwen_lib

@@ -2,7 +2,7 @@
 
 The release trains with HF Trainer's AdamW (β 0.9/0.999, eps 1e-8, weight decay 0), linear warm-up over
 `warmup_ratio` 0.003 of the steps, then cosine to `min_lr` (1e-5 pretrain, 0 for SFT), gradient clipping at 1.0
-(reference §3.2; the ZeRO-2 config without clipping diverged, §7.11).
+(the ZeRO-2 config without clipping diverged, issue #75).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import optax
 from blip3o_jax.training import defaults
 
 # Top-level parameter groups of the BLIP3-o model (see models/blip3o.py) and when each one trains.
-ALWAYS_TRAINABLE = ("latent_queries", "dit", "mse_head")  # the release trains these (reference §3.3)
+ALWAYS_TRAINABLE = ("latent_queries", "dit", "mse_head")  # the release trains these
 JOINT_TRAINABLE = ("backbone", "mm_projector")  # also trained when freeze_backbone=False (Qwen3-SigLIP2 joint)
 # Never trained here: the understanding vision tower ("visual") and the generation encoder ("gen_encoder").
 
@@ -54,7 +54,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.linear_schedule(lr, min_lr, max(total - warmup, 1))],
             [warmup],
         )
-    if kind == "constant":  # the authors' 8B run used a constant 1e-4 (reference §3.2, issue #16)
+    if kind == "constant":  # the authors' 8B run used a constant 1e-4
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
     raise ValueError(f"config.train.schedule={kind!r}; expected cosine, linear or constant")
 

@@ -92,7 +92,7 @@ def make_loss_fn(model: blip3o_lib.Blip3o, mcfg: blip3o_lib.Blip3oConfig, flow_c
     """loss_fn(params, batch, targets, rng) -> (loss, aux) on one (micro-)batch; `params` = all groups merged."""
     from blip3o_jax.diffusion import flow_matching, losses
 
-    compute_logits = bool(text_loss_weight)  # skip the LM head entirely for T2I-only training (reference §7.4)
+    compute_logits = bool(text_loss_weight)  # skip the LM head entirely for T2I-only training
 
     def loss_fn(params, batch, targets, rng):
         variables = {"params": params}
