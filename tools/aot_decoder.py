@@ -198,13 +198,13 @@ def _abstract_params(kind: str, cfg, mesh):
     return module, params
 
 
-def _input(shape, dtype, mesh, batch_axis: bool = True):
+def _input(shape, dtype, mesh):
     """An abstract input, its leading (batch) dimension over data + fsdp where it divides."""
     import jax
 
     from blip3o_jax import sharding
 
-    axes = ("activation_batch",) + (None,) * (len(shape) - 1) if batch_axis and shape else (None,) * len(shape)
+    axes = ("activation_batch",) + (None,) * (len(shape) - 1)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.logical_sharding(axes, shape, mesh))
 
 
@@ -224,10 +224,11 @@ def _cost(compiled, platform: str) -> dict:
     """HLO FLOPs, bytes and XLA's time estimate of a compiled program.
 
     libtpu's cost model prices a `ConcatBitcast` custom call (a weight it reassembles from slices prefetched into
-    faster memory) at -1 s, "unknown"; a bf16 SANA block has 7 of them, so the raw `optimal_seconds` of a whole
-    model comes out at minus tens of seconds. Those calls only rename bytes, so the estimate adds 1 s back per call
-    (checked on single modules: the corrected figure is positive and above the roofline bound); the raw figure and
-    the count are reported next to it.
+    on-chip memory) at -1 s, "unknown"; a bf16 SANA block has 7 of them, so the raw `optimal_seconds` of a whole
+    model comes out at minus tens or hundreds of seconds. Those calls only rename bytes, so the estimate adds 1 s
+    back per call. Checked on single SANA modules and on every plan in docs/aot_plans: the count is exactly the
+    integer part of the negative raw figure, and what remains is a few ms to a few hundred ms. The raw figure and
+    the count are reported next to the estimate.
     """
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -258,7 +259,6 @@ def _lower_compile(fn, args, mesh):
 
 def _sdxl_programs(den_cfg, vae_cfg, den_unrolled, steps, height, width, batch, guided, mesh, f32):
     import jax
-    import jax.numpy as jnp
 
     from blip3o_jax.diffusion import schedulers
     from blip3o_jax.pipelines import sdxl_decoder
@@ -464,8 +464,9 @@ def format_table(r: dict) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     rows = ["| decoder | px | steps | topology (chips) | batch | peak / HBM per chip | fits | step: XLA est. "
-            "(roofline) | decode: XLA est. (roofline) | s / image: XLA est. (MFU) | roofline s / image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "(roofline) | decode: XLA est. (roofline) | s / image: XLA est. (MFU) | images/s per chip: XLA est. | "
+            "roofline s / image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         hbm = r.get("hbm_per_device")
         peak = r["memory_per_device"]["peak"]
@@ -474,10 +475,11 @@ def markdown_table(results: list[dict]) -> str:
         st, de = r["programs"]["step"], r["programs"]["decode"]
         est = "-" if r.get("estimated_s_per_image") is None else \
             f"{r['estimated_s_per_image']:.2f} s ({100 * r['estimated_mfu']:.0f}%)"
+        ips = "-" if r.get("estimated_images_per_s") is None else f"{r['estimated_images_per_s'] / r['chips']:.2f}"
         roof = "-" if r.get("roofline_s_per_image") is None else f"{r['roofline_s_per_image']:.2f} s"
         rows.append(f"| {r['decoder']} | {r['resolution']} | {r['steps']} | {r['topology']} ({r['chips']}) | "
                     f"{r['batch']} | {mem} | {fits} | {_s(st.get('optimal_seconds'))} ({_s(st.get('roofline_s'))}) | "
-                    f"{_s(de.get('optimal_seconds'))} ({_s(de.get('roofline_s'))}) | {est} | {roof} |")
+                    f"{_s(de.get('optimal_seconds'))} ({_s(de.get('roofline_s'))}) | {est} | {ips} | {roof} |")
     return "\n".join(rows)
 
 
@@ -512,6 +514,12 @@ def main(argv=None):
                       guided=a.cfg, dtype=a.dtype, mesh_spec=a.mesh, name=a.name)
     except ValueError as e:  # a mesh that does not divide the devices, a resolution the VAE cannot take, ...
         sys.exit(f"aot_decoder: {a.decoder} on {target.label}: {e}")
+    except Exception as e:  # noqa: BLE001  (the TPU compiler refuses a program larger than the chip's HBM)
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).strip().splitlines()[0].rstrip(".")
+        sys.exit(f"aot_decoder: {a.decoder} ({a.preset}) at batch {a.batch} does not fit on {target.label}: "
+                 f"{message}. Use a smaller --batch or more chips (--topology, --mesh).")
     print(format_table(result), flush=True)
     from blip3o_jax import benchmarking
 
