@@ -1,4 +1,5 @@
-"""Timing helpers shared by `tools/bench_*.py`: warm-up, median of runs, the machine's matmul peak."""
+"""Timing helpers shared by `tools/bench_*.py`: warm-up, median of runs, the machine's matmul peak and memory
+bandwidth."""
 from __future__ import annotations
 
 import json
@@ -61,6 +62,15 @@ def jax_matmul_peak(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
     f = jax.jit(lambda x, y: x @ y)
     t = time_it(lambda: f(a, b), warmup=2, iters=iters)
     return 2 * n**3 / t["median_s"]
+
+
+def memory_bandwidth(nbytes: int = 512 << 20, iters: int = 5) -> float:
+    """Achieved read bandwidth (bytes/s) of the default device: a jitted sum over an fp32 array of `nbytes`, far
+    larger than the caches; the bound of a step that must read that many bytes once."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    t = time_it(lambda: f(x), warmup=2, iters=iters)
+    return x.nbytes / t["median_s"]
 
 
 def torch_matmul_peak(n: int = 2048, iters: int = 5) -> float:

@@ -24,6 +24,47 @@ from blip3o_jax.models import qwen
 from blip3o_jax.models import qwen2_5_vl as qvl
 
 
+def _without_scan(cfg):
+    """`cfg` with `scan_layers=False` in it and in every nested config dataclass."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    changes = {f.name: _without_scan(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if getattr(cfg, "scan_layers", False):
+        changes["scan_layers"] = False
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def unrolled(kind: str, cfg, params):
+    """(module, params) of registered model `kind` in the unrolled layer layout (`scan_layers=False` throughout):
+    the same numbers, one set of weights per layer.
+
+    The layout to decode with outside TPU. In a scanned stack every layer's weights are a dynamic slice of the
+    stacked array; XLA:CPU (and GPU) copies that slice out before each matmul, so a decode step, which is bound by
+    reading the weights once, reads and writes them three times. The TPU compiler feeds the slice to the matmul
+    directly, so there the scanned layout (one compiled layer, faster compiles) costs nothing. Call once after
+    loading: the stacked arrays are sliced (copied) here, outside any loop."""
+    import flax.linen as nn
+
+    from blip3o_jax import models, pretrained
+    from blip3o_jax.models import registry
+
+    flat_cfg = _without_scan(cfg)
+    if flat_cfg == cfg:
+        return models.build(kind, cfg), params
+    module = models.build(kind, flat_cfg)
+    args, kwargs, method = registry.get(kind).init_args(flat_cfg)
+    want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method, **kwargs))["params"]
+    want = nn.meta.unbox(want)
+    params = pretrained.relayout(params, want)
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if got != jax.tree.map(lambda a: tuple(a.shape), want):
+        raise ValueError(f"unrolled({kind!r}): params do not match the config's layout")
+    return module, params
+
+
 def sample_top_p(logits, rng, temperature, top_p):
     """Temperature + nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`."""
     logits = logits.astype(jnp.float32) / temperature

@@ -117,3 +117,25 @@ def test_top_p_keeps_the_nucleus_only():
     counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 4000
     assert counts[0] == 0 and counts[2] == 0
     np.testing.assert_allclose(counts[[1, 3]], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+
+
+@pytest.mark.parametrize("name", ["qwen3_untied", "vl_untied"])
+def test_unrolled_decode_layout_same_tokens(models_and_prompts, name):
+    """generation.unrolled: the per-layer weight layout decodes to the same tokens as transformers (and so as the
+    scanned layout above), and really is unrolled."""
+    from blip3o_jax.generation import unrolled
+
+    kind, cfg, model, params, ids, mask = models_and_prompts[name]
+    assert cfg.scan_layers, "the fixture's config is scanned: this test checks the conversion to unrolled"
+    module, flat = unrolled(kind, cfg, params)
+    assert not module.cfg.scan_layers
+    keys = "/".join(str(k) for path, _ in jax.tree_util.tree_flatten_with_path(flat)[0] for k in path)
+    assert "layers_0" in keys and f"layers_{cfg.num_hidden_layers - 1}" in keys
+    assert sum(a.size for a in jax.tree.leaves(flat)) == sum(a.size for a in jax.tree.leaves(params))
+    never = [cfg.vocab_size + 5]
+    ours = np.asarray(generate(module, flat, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=never,
+                               pad_token_id=PAD))
+    np.testing.assert_array_equal(ours, hf_generate(model, ids, mask, never[0]))
+    # already unrolled: returned as is
+    module2, flat2 = unrolled(kind, module.cfg, flat)
+    assert flat2 is flat and module2.cfg == module.cfg

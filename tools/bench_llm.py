@@ -6,11 +6,13 @@
 Prefill: a batch of `prefill_len`-token prompts into a fresh KV cache, logits of the last token (what generation
 needs; transformers: `use_cache=True, logits_to_keep=1`). Decode: greedy generation of `decode_tokens` new tokens
 from a `decode_prompt`-token prompt, EOS disabled (transformers: `generate(do_sample=False, min_new_tokens=N)`;
-ours: `blip3o_jax.generation.generate`, one jitted `lax.while_loop`). Times are medians over rounds that alternate ours and
-transformers (a shared machine's load then hits both alike); the first call (compile for us) is reported
-separately. Analytic FLOPs count matmuls only (2 per multiply-add; causal
-attention counts the keys each query actually sees); the matmul peaks are measured in the same run.
-The last line is one JSON object.
+ours: `blip3o_jax.generation.generate`, one jitted `lax.while_loop`, on the weights in the unrolled layout that
+`generation.unrolled` gives and the sampler decodes with off TPU; `--decode_layout config` keeps `--scan_layers`).
+Times are medians over rounds that alternate ours and transformers (a shared machine's load then hits both alike);
+the first call (compile for us) is reported separately. Analytic FLOPs count matmuls only (2 per multiply-add;
+causal attention counts the keys each query actually sees); the matmul peaks are measured in the same run. Decode
+is bound by memory, not FLOPs: the run also measures the machine's read bandwidth and reports each side's decode
+time over the bound of reading every weight once per step. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ flags.DEFINE_integer("intermediate", 2048, "MLP width.")
 flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 flags.DEFINE_integer("iters", 3, "Timed rounds after the first call (median reported).")
 flags.DEFINE_bool("scan_layers", True, "Use nn.scan over layers (False: a Python loop of layers).")
+flags.DEFINE_enum("decode_layout", "unrolled", ["unrolled", "config"],
+                  "Layer layout of ours' decode: `unrolled` (generation.unrolled: what the sampler decodes with off "
+                  "TPU) or `config` (as --scan_layers says).")
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +51,7 @@ def main(_):
     import transformers
 
     from blip3o_jax import benchmarking, convert, models
-    from blip3o_jax.generation import generate
+    from blip3o_jax.generation import generate, unrolled
     from blip3o_jax.models import qwen
 
     cfg = qwen.QwenConfig(
@@ -67,6 +72,8 @@ def main(_):
     state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     params = jax.device_put(convert.from_torch(kind, state_dict, cfg))
     module = models.build(kind, cfg)
+    dec_module, dec_params = (unrolled(kind, cfg, params) if FLAGS.decode_layout == "unrolled"
+                              else (module, params))
 
     rng = np.random.RandomState(0)
     prefill_ids = rng.randint(1, cfg.vocab_size, (B, L)).astype(np.int32)
@@ -97,7 +104,7 @@ def main(_):
         "ours_prefill": lambda: jax.block_until_ready(prefill(params, ids_dev)),
         "hf_prefill": hf_prefill,
         "ours_decode": lambda: jax.block_until_ready(generate(
-            module, params, decode_ids, decode_mask, max_new_tokens=N, eos_token_id=None, pad_token_id=0)),
+            dec_module, dec_params, decode_ids, decode_mask, max_new_tokens=N, eos_token_id=None, pad_token_id=0)),
         "hf_decode": hf_decode,
     }
     # first calls (compile for us), then timed rounds alternating ours and transformers, so that the load of a
@@ -121,6 +128,10 @@ def main(_):
     # ---------------- peaks and FLOPs
     jax_peak = benchmarking.jax_matmul_peak()
     torch_peak = benchmarking.torch_matmul_peak()
+    bandwidth = benchmarking.memory_bandwidth()
+    # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather)
+    weight_bytes = 4 * sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    decode_bound_s = (N + 1) * weight_bytes / bandwidth  # N steps + the short prefill, each one pass
     prefill_flops = qwen.count_flops(cfg, B, L, context=(L + 1) / 2, logits_tokens=B)
     decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N))  # + the short prefill
     decode_flops += qwen.count_flops(cfg, B, P, context=(P + 1) / 2, logits_tokens=B)
@@ -141,6 +152,11 @@ def main(_):
         "ours_decode": rates(timing["ours_decode"], decode_flops, B * N, jax_peak),
         "hf_decode": rates(timing["hf_decode"], decode_flops, B * N, torch_peak),
         "jax_matmul_peak_gflops": jax_peak / 1e9,
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_layout": FLAGS.decode_layout,
+        "decode_bandwidth_bound_s": decode_bound_s,
+        "ours_decode_over_bandwidth_bound": timing["ours_decode"]["median_s"] / decode_bound_s,
+        "hf_decode_over_bandwidth_bound": timing["hf_decode"]["median_s"] / decode_bound_s,
         "torch_matmul_peak_gflops": torch_peak / 1e9,
         "prefill_speedup": timing["hf_prefill"]["median_s"] / timing["ours_prefill"]["median_s"],
         "decode_speedup": timing["hf_decode"]["median_s"] / timing["ours_decode"]["median_s"],
@@ -155,6 +171,9 @@ def main(_):
         print(f"{name:13s} {r['tokens_per_s']:9.1f} tokens/s  median {r['median_s']:.3f}s  first call "
               f"{r['first_call_s']:.2f}s  {r['gflops_per_s']:.1f} GFLOP/s ({100 * r['fraction_of_matmul_peak']:.0f}% "
               "of matmul peak)", flush=True)
+    print(f"decode bound: {weight_bytes / 1e6:.0f} MB of weights per step at {bandwidth / 1e9:.1f} GB/s measured "
+          f"-> {decode_bound_s:.3f}s; ours {result['ours_decode_over_bandwidth_bound']:.2f}x the bound, transformers "
+          f"{result['hf_decode_over_bandwidth_bound']:.2f}x", flush=True)
     benchmarking.emit(result)
 
 
