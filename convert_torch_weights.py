@@ -11,6 +11,11 @@ temporary directory beside it and renamed into place at the end, and an existing
 NaN/Inf are refused unless --allow-nonfinite; integer/bool weights are refused. Read the output back with
 `blip3o_jax.load_pretrained(OUT_DIR)`.
 
+OUT_DIR may be a bucket (`--dst gs://BUCKET/name`): every file goes there (Orbax writes `params/` itself), written
+in place since an object store cannot rename a directory: a hidden `.incomplete` marker first and `blip3o_jax.json`
+last, so an interrupted output is never taken for a complete one and --force may replace it. HF_DIR is read from
+local disk (or a gcsfuse mount).
+
 Exit status: 0 on success (and for --help), 2 with one `error: ...` line for a bad flag or a bad checkpoint.
 """
 from __future__ import annotations

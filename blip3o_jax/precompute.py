@@ -24,6 +24,9 @@ see blip3o_jax/data/targets.py. Afterwards the same training command uses them a
 - Per-host sharded: on a multi-host slice every host runs the command; host p takes shards p, p+P, ...
 - Resumable: a shard whose `.targets.json` carries the current fingerprint is skipped; files are written under
   temporary names and renamed, so an interrupted shard is simply redone.
+- A dataset's `targets_dir` may be a bucket (`gs://BUCKET/targets`): the companions and their `.targets.json` go
+  there through blip3o_jax/paths.py (uploaded whole, the metadata last, so the resume rule above holds); the image
+  shards are read from local disk or a gcsfuse mount, and so are the companions at training time.
 
 Prints one line per shard and, last, one JSON object (shards done/skipped, samples, images/s, encoder FLOPs).
 """

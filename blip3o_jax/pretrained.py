@@ -10,6 +10,10 @@ Two on-disk formats are read by `load_pretrained`:
 `convert_checkpoint` streams the tensors one by one (progress bar over tensors), converts them strictly (unknown,
 missing or mis-shaped keys are errors naming the key), and writes into a temporary directory beside the
 destination that is renamed into place only once complete, so a failure never leaves a half-written destination.
+A `gs://` destination (an object store has no directory rename) is written in place through the path layer of
+`blip3o_jax/paths.py` (Orbax writes `params/` to the bucket itself): a hidden `.incomplete` marker first,
+`blip3o_jax.json` last, so a destination counts as converted output only once complete, and an interrupted one
+(marker, no `blip3o_jax.json`) may be replaced with `force`.
 
 What is refused, always with one ConversionError naming the file and key (both when converting and when loading a
 HF directory): NaN or Inf in a weight (unless `allow_nonfinite`, then a warning), an integer or bool tensor where
@@ -31,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from blip3o_jax import convert, models
+from blip3o_jax import paths as fs
 from blip3o_jax.data.tar_index import process_umask
 from blip3o_jax.models import registry
 from blip3o_jax.convert.common import (ConversionError, iter_safetensors, load_state_dict, read_safetensors_header,
@@ -41,6 +46,7 @@ PARAMS_DIR = "params"
 # small files copied next to the converted params so the output also serves as a tokenizer/config directory
 _AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INCOMPLETE_FILE = ".incomplete"  # a remote destination being written (no atomic rename on an object store)
 
 
 def local_path(path: str, what: str = "checkpoint") -> str:
@@ -54,7 +60,7 @@ def local_path(path: str, what: str = "checkpoint") -> str:
 
 
 def is_converted(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, META_FILE))
+    return fs.isdir(fs.join(path, PARAMS_DIR)) and fs.isfile(fs.join(path, META_FILE))
 
 
 def _read_json(path: str) -> dict:
@@ -265,7 +271,7 @@ def restore_params(path: str, target=None):
             f"convert_torch_weights.py --src {path} --dst OUT first and use OUT")
 
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+        return ckptr.restore(fs.storage_path(fs.join(fs.abspath(path), PARAMS_DIR)), target)
 
 
 def relayout(tree, want):
@@ -359,6 +365,9 @@ def _check_destination(src: str, dst: str, force: bool) -> None:
     """Refuses, before anything is read or deleted, a destination that overlaps the source (equal to it, a parent
     of it, or inside it: replacing it would delete the source weights or write into them) and, with or without
     --force, an existing destination that is not an earlier converted output (e.g. a home or data directory)."""
+    if fs.is_remote(dst):
+        _check_remote_destination(src, dst, force)
+        return
     src_dir = os.path.realpath(_config_dir(src))
     real_dst = os.path.realpath(dst)
     for place in {src_dir, os.path.realpath(src)}:
@@ -379,6 +388,54 @@ def _check_destination(src: str, dst: str, force: bool) -> None:
                               "refusing to replace it even with --force: remove it yourself or choose another --dst")
 
 
+def _check_remote_destination(src: str, dst: str, force: bool) -> None:
+    """`_check_destination` for a bucket: the same refusals (a local source cannot overlap it); an interrupted
+    earlier output (its `.incomplete` marker, no blip3o_jax.json) is replaceable with --force too."""
+    if fs.is_remote(src) and (src == dst or src.startswith(dst + "/") or dst.startswith(src + "/")):
+        raise ConversionError(f"--dst {dst} overlaps the source {src}; choose a directory outside it")
+    if not fs.exists(dst):
+        return
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to overwrite it")
+    replaceable = fs.isdir(dst) and (is_converted(dst) or fs.exists(fs.join(dst, INCOMPLETE_FILE))
+                                     or not fs.listdir(dst))
+    if not replaceable:
+        raise ConversionError(f"{dst} exists and is not an output of convert_torch_weights.py (no {META_FILE}); "
+                              "refusing to replace it even with --force: remove it yourself or choose another --dst")
+
+
+def _write_remote(dst: str, params, cdir: str, meta: dict) -> None:
+    """Writes a converted output into a bucket in place (checked by `_check_remote_destination`): the marker
+    first, the old output's blip3o_jax.json removed before anything else of it, our blip3o_jax.json last."""
+    import orbax.checkpoint as ocp
+
+    marker = fs.join(dst, INCOMPLETE_FILE)
+    fs.write_text(marker, json.dumps({"source": meta["source"]}) + "\n")
+    if fs.exists(fs.join(dst, META_FILE)):
+        fs.remove(fs.join(dst, META_FILE))  # from here on the old output no longer counts as one
+    for name in fs.listdir(dst):  # the rest of the earlier output (--force)
+        if name != INCOMPLETE_FILE:
+            path = fs.join(dst, name)
+            if fs.isdir(path):
+                fs.rmtree(path)
+            else:
+                fs.remove(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(fs.storage_path(fs.join(dst, PARAMS_DIR)), params)
+    for name in _aux_files(cdir):
+        with open(os.path.join(cdir, name), "rb") as f:
+            fs.write_bytes(fs.join(dst, name), f.read())
+    fs.write_text(fs.join(dst, META_FILE), json.dumps(meta, indent=2))
+    fs.remove(marker)
+
+
+def _aux_files(cdir: str) -> list[str]:
+    """The small files of the source directory copied beside the params (config, tokenizer, generation config)."""
+    return [name for name in sorted(os.listdir(cdir))
+            if os.path.isfile(os.path.join(cdir, name)) and name.endswith(_AUX_SUFFIXES)
+            and name not in _WEIGHT_FILES and name != META_FILE]
+
+
 def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: str | None = None, force: bool = False,
                        allow_pickle: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> str:
     """Converts a HF checkpoint into our format at `dst` atomically; returns the kind.
@@ -389,7 +446,8 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
     import orbax.checkpoint as ocp
 
     src = local_path(src)
-    src, dst = os.path.abspath(src), os.path.abspath(os.path.normpath(dst))
+    src = os.path.abspath(src)
+    dst = fs.abspath(dst) if fs.is_remote(dst) else os.path.abspath(os.path.normpath(dst))
     kind, hf = resolve(src, kind)
     _check_destination(src, dst, force)
     cdir = _config_dir(src)
@@ -401,6 +459,10 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
     stored = dtype or getattr(cfg, "param_dtype", None)
     if dtype is not None:
         params = _cast(params, dtype)
+    meta = {"kind": kind, "dtype": stored, "source": src, "format": "orbax-standard-params"}
+    if fs.is_remote(dst):
+        _write_remote(dst, params, cdir, meta)
+        return kind
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
@@ -409,12 +471,10 @@ def convert_checkpoint(src: str, dst: str, *, kind: str | None = None, dtype: st
         os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700 whatever the umask; it becomes dst
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-        for name in sorted(os.listdir(cdir)):
-            fpath = os.path.join(cdir, name)
-            if os.path.isfile(fpath) and name.endswith(_AUX_SUFFIXES) and name not in _WEIGHT_FILES and name != META_FILE:
-                shutil.copy2(fpath, os.path.join(tmp, name))
+        for name in _aux_files(cdir):
+            shutil.copy2(os.path.join(cdir, name), os.path.join(tmp, name))
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({"kind": kind, "dtype": stored, "source": src, "format": "orbax-standard-params"}, f, indent=2)
+            json.dump(meta, f, indent=2)
         if os.path.lexists(dst):  # --force over an earlier output (checked above): swap in, then drop the old copy
             backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
             os.rmdir(backup)

@@ -22,9 +22,16 @@ Reproducibility: image k of prompt i gets its noise (DiT and decoder) from fold_
 (`--noise_rule index`; `original` drops i, as GenEval's generator that resets the seed for every prompt), so the
 pixels do not depend on the batch size, the device count or where a run was resumed; prompts are padded to a
 length bucket of their own (never to their batch's longest). Batches are spread over the local devices
-(data-parallel, weights replicated); with several processes, process p takes the prompts i with
-i % process_count == p. Outputs are written atomically (a hidden temporary renamed into place) and a rerun skips
+(data-parallel over the mesh's data x fsdp devices); with several processes, process p takes the prompts i with
+i % process_count == p. `--mesh` lays out each process's devices: `data=-1` (default) replicates the weights on
+every device; `fsdp=N` and/or `tensor=N` shard them by their logical axes as the trainer does (fsdp splits the model
+width, tensor the heads and MLP; `fsdp=4` on 8 devices = data 2 x fsdp 4), for a model that does not fit one
+device. Outputs are written atomically (a hidden temporary renamed into place) and a rerun skips
 every finished output. Each run writes `run.json` (settings, model fingerprint, counts, skipped items and why).
+
+`--out gs://BUCKET/...` writes every output (images, JSONL, run.json) to the bucket and resumes from the bucket's
+listing, through the path layer of `blip3o_jax/paths.py`; a training workdir on `gs://` is read the same way
+(Orbax reads its checkpoint from the bucket itself).
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from blip3o_jax import cli
+from blip3o_jax import paths as fs
 from blip3o_jax import sample_formats as fmts
 
 COMMANDS = ("t2i", "i2t", "i2i")
@@ -88,6 +96,10 @@ def define_flags(fv) -> None:
     i("num_images_per_prompt", None, "t2i: images per prompt (default 4 for geneval/dpg, else 1).", flag_values=fv)
     e("dtype", "float32", list(DTYPES), "Compute and parameter dtype.", flag_values=fv)
     i("devices", None, "Use the first N local devices (default all).", flag_values=fv)
+    s("mesh", "data=-1", "t2i, i2i (sdxl): mesh of the local devices, as 'data=N,fsdp=N,tensor=N' (one size may "
+      "be -1; data takes the devices left over unless given). data=-1 (default): weights replicated on every "
+      "device. fsdp=N / tensor=N: weights sharded by their logical axes (fsdp splits the model width, tensor the "
+      "heads and MLP) for models that do not fit one device; the batch is split over data x fsdp.", flag_values=fv)
     i("limit", None, "Only the first N items of the input.", flag_values=fv)
     s("images", None, "i2t/i2i: image glob (comma-separated globs allowed) or, for i2t, a JSONL of {image, "
       "question, ...}.", flag_values=fv)
@@ -112,19 +124,15 @@ def fingerprint(path: str) -> str:
     """sha256 over a checkpoint's files: names, sizes, small files whole, the first and last MiB of large ones
     (reading 16 GB of weights to name them would dominate a short run)."""
     h = hashlib.sha256()
-    files = []
-    if os.path.isfile(path):
-        files = [path]
-        root = os.path.dirname(path)
+    if fs.isfile(path):
+        files, root = [path], fs.dirname(path)
     else:
-        root = path
-        for dirpath, dirnames, names in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+        files, root = list(fs.walk_files(path, skip_hidden=True)), path
     for fpath in files:
-        size = os.path.getsize(fpath)
-        h.update(f"{os.path.relpath(fpath, root)}\0{size}\0".encode())
-        with open(fpath, "rb") as fh:
+        size = fs.getsize(fpath)
+        relpath = fpath[len(root):].lstrip("/" + os.sep).replace(os.sep, "/")  # the same for a local or remote copy
+        h.update(f"{relpath}\0{size}\0".encode())
+        with fs.open_file(fpath, "rb") as fh:
             if size <= 2 * FINGERPRINT_CHUNK:
                 h.update(fh.read())
             else:
@@ -140,8 +148,7 @@ def fingerprint(path: str) -> str:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(fs.read_bytes(path))
     except FileNotFoundError:
         raise cli.UserError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
@@ -154,10 +161,10 @@ def model_layout(path: str) -> str:
 
     if not path:
         raise cli.UserError("--model is required")
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         raise cli.UserError(f"--model {path}: no such directory")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = fs.join(path, "config.json")
+    if not fs.isfile(config_path):
         raise cli.UserError(f"--model {path}: no config.json; expected a released/converted checkpoint or a "
                             "training workdir")
     hf = _read_json(config_path)
@@ -165,7 +172,7 @@ def model_layout(path: str) -> str:
         return "workdir"
     if pretrained.is_converted(path):
         return "converted"
-    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in os.listdir(path)):
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in fs.listdir(path)):
         raise cli.UserError(f"--model {path}: no safetensors weights (model.safetensors or an index) and no "
                             "converted params/")
     return "release"
@@ -274,7 +281,7 @@ def _tokenizer(path: str):
 def _t2i_decoder_dir(model: str, decoder: str, layout: str) -> str | None:
     """The SDXL decoder folder of a text-to-image run; None for a workdir whose DiT generates pixels."""
     if layout == "workdir":
-        target = _read_json(os.path.join(model, "config.json"))["model"].get("target", "eva_clip")
+        target = _read_json(fs.join(model, "config.json"))["model"].get("target", "eva_clip")
         if target == "pixels":
             return None
         if target not in ("eva_clip", "precomputed"):
@@ -335,7 +342,7 @@ _FUNCTIONS: dict = {}  # jitted samplers, per model config
 def load_generator(model: str, decoder: str, dtype: str, prompt_format: str | None) -> Generator:
     """The text-to-image model (+ decoder) of `--model`; cached per process (repeated in-process runs reuse the
     weights and compiled programs, whatever the prompt format: prompts are inputs of the programs)."""
-    key = ("t2i", os.path.abspath(model), decoder, dtype)
+    key = ("t2i", fs.abspath(model), decoder, dtype)
     if key not in _LOADED:
         _LOADED[key] = _load_generator(model, decoder, dtype)
     gen = _LOADED[key]
@@ -354,7 +361,7 @@ def _load_generator(model: str, decoder: str, dtype: str) -> Generator:
     from blip3o_jax.models import blip3o as blip3o_lib
 
     layout = model_layout(model)
-    info = {"path": os.path.abspath(model), "layout": layout}
+    info = {"path": fs.abspath(model), "layout": layout}
     if layout == "workdir":
         from blip3o_jax import sampling
 
@@ -414,11 +421,11 @@ def _load_generator(model: str, decoder: str, dtype: str) -> Generator:
 
 
 def _latest_checkpoint(workdir: str) -> str | None:
-    ckpt = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt):
+    ckpt = fs.join(workdir, "checkpoints")
+    if not fs.isdir(ckpt):
         return None
-    steps = sorted((int(n) for n in os.listdir(ckpt) if n.isdigit()), reverse=True)
-    return os.path.join(ckpt, str(steps[0])) if steps else None
+    steps = sorted((int(n) for n in fs.listdir(ckpt) if n.isdigit()), reverse=True)
+    return fs.join(ckpt, str(steps[0])) if steps else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,8 +434,17 @@ def _latest_checkpoint(workdir: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Devices:
-    mesh: Any
+    mesh: Any  # (data, fsdp, tensor) over this process's devices
     count: int
+
+    @property
+    def batch_parallel(self) -> int:
+        """Devices the batch is split over: data x fsdp (the devices of one tensor group share their rows)."""
+        return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+    @property
+    def shards_weights(self) -> bool:
+        return self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] > 1
 
     def replicate(self, tree):
         import jax
@@ -436,8 +452,29 @@ class Devices:
 
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
+    def place(self, tree, boxed):
+        """Weights on the mesh: replicated on a data-only mesh, else sharded by their logical axes as the trainer
+        shards them (`sharding.params_shardings` of the module's boxed abstract params; `boxed` is a callable that
+        makes them, called only when needed). Leaves the boxed tree does not name are replicated."""
+        if not self.shards_weights:
+            return self.replicate(tree)
+        import flax
+        import jax
+
+        from blip3o_jax import sharding
+
+        shardings = flax.traverse_util.flatten_dict(sharding.params_shardings(boxed(), self.mesh))
+        flat = flax.traverse_util.flatten_dict(tree)
+        placed = {path: jax.device_put(leaf, shardings.get(path) or self._replicated()) for path, leaf in flat.items()}
+        return flax.traverse_util.unflatten_dict(placed)
+
+    def _replicated(self):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        return NamedSharding(self.mesh, P())
+
     def shard_batch(self, tree):
-        """Leading axis over every device of the mesh (data-parallel)."""
+        """Leading axis over the mesh's data x fsdp devices (data-parallel)."""
         import jax
 
         from blip3o_jax import sharding
@@ -445,10 +482,25 @@ class Devices:
         return jax.tree.map(lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, np.ndim(a))), tree)
 
     def round_batch(self, batch: int) -> int:
-        return max(1, math.ceil(batch / self.count)) * self.count
+        return max(1, math.ceil(batch / self.batch_parallel)) * self.batch_parallel
 
 
-def local_devices(n: int | None) -> Devices:
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """`--mesh` sizes: {"data": -1} by default; axes not named are 1, except data, which takes the devices left
+    over unless it is named or another axis is -1 (`fsdp=4` on 8 devices: data=2, fsdp=4)."""
+    from blip3o_jax import plan as plan_lib
+
+    try:
+        sizes = plan_lib.parse_mesh(spec, {"data": -1})
+    except ValueError:
+        raise ValueError(f"--mesh {spec!r}: expected 'data=N,fsdp=N,tensor=N' (one size may be -1)") from None
+    if "data" not in sizes and -1 not in sizes.values():
+        sizes["data"] = -1
+    return sizes
+
+
+def local_devices(n: int | None, mesh: str | None = None) -> Devices:
+    """The first `n` (default all) devices of this process on the `--mesh` of `mesh` (default data=-1)."""
     import jax
 
     from blip3o_jax import sharding
@@ -458,21 +510,49 @@ def local_devices(n: int | None) -> Devices:
         if not 1 <= n <= len(devices):
             raise cli.UserError(f"--devices {n}: this process has {len(devices)} local devices")
         devices = devices[:n]
-    return Devices(sharding.make_mesh({"data": -1}, devices=devices), len(devices))
+    try:
+        return Devices(sharding.make_mesh(parse_mesh(mesh), devices=devices), len(devices))
+    except ValueError as e:
+        raise cli.UserError(f"--mesh {mesh}: {e}") from None
 
 
-def replicated_generator(gen: Generator, devices: Devices) -> Generator:
-    """`gen` with its weights replicated on every device of the mesh (placed once per mesh, shared by the
-    generators of other prompt formats)."""
-    key = ("replicated", devices.mesh)
+def _boxed_params(module, args, kwargs=None, method=None):
+    """The module's params with their logical axis names, as ShapeDtypeStructs (nothing is allocated)."""
+    import jax
+
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method, **(kwargs or {})))["params"]
+
+
+def _kind_boxed(kind: str, module):
+    """`_boxed_params` of a registered kind's module, from the registry's shape-only init arguments."""
+    from blip3o_jax.models import registry
+
+    def boxed():
+        args, kwargs, method = registry.get(kind).init_args(module.cfg)
+        return _boxed_params(module, args, kwargs, method)
+
+    return boxed
+
+
+def placed_generator(gen: Generator, devices: Devices) -> Generator:
+    """`gen` with its weights on the devices of the mesh: replicated on a data-only mesh, sharded by their logical
+    axes when the mesh has fsdp or tensor devices (placed once per mesh, shared by the generators of other prompt
+    formats)."""
+    key = ("placed", devices.mesh)
     if key not in gen._compiled:
+        from blip3o_jax.training import model_setup
+
         dec = gen.decoder
         if dec is not None:
-            dec = dataclasses.replace(dec, unet_params=devices.replicate(dec.unet_params),
-                                      vae_params=devices.replicate(dec.vae_params))
-        gen._compiled[key] = (devices.replicate(gen.params), dec)
+            dec = dataclasses.replace(dec, unet_params=devices.place(dec.unet_params, _kind_boxed("unet", dec.unet)),
+                                      vae_params=devices.place(dec.vae_params, _kind_boxed("autoencoder_kl", dec.vae)))
+        params = devices.place(gen.params, lambda: _boxed_params(gen.model, model_setup.init_inputs(gen.model.cfg)))
+        gen._compiled[key] = (params, dec)
     params, dec = gen._compiled[key]
     return dataclasses.replace(gen, params=params, decoder=dec, _compiled=gen._compiled)
+
+
+replicated_generator = placed_generator  # the name of the data-only (replicated) days; tools/bench_sample.py
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,6 +636,13 @@ def _dit_fn(gen: Generator, steps: int, guided: bool, latent_shape: tuple | None
     return fn
 
 
+def _split(tree) -> bool:
+    """Whether some leaf of `tree` is split over devices (weights placed on an fsdp / tensor mesh)."""
+    import jax
+
+    return any(not getattr(getattr(x, "sharding", None), "is_fully_replicated", True) for x in jax.tree.leaves(tree))
+
+
 def negative_features(gen: Generator, settings: dict) -> np.ndarray:
     """`--negative original`: the DiT's sample for the empty prompt without chat template (the original's
     `generate_image([""])`), from a fixed noise of `--seed`; shape (1, g*g, C)."""
@@ -571,7 +658,8 @@ def negative_features(gen: Generator, settings: dict) -> np.ndarray:
              "query_index": (1 + np.arange(nq))[None].astype(np.int32)}
     import jax
 
-    params = jax.tree.map(np.asarray, gen.params)
+    # one row: on one device, unless the weights are sharded (they may not fit one device): then on their mesh
+    params = gen.params if _split(gen.params) else jax.tree.map(np.asarray, gen.params)
     guided = settings["dit_guidance"] != 1.0
     # the noise of a row no prompt has: item index 2**31 - 1
     grid, _ = _dit_fn(gen, settings["dit_steps"], guided, None)(
@@ -690,10 +778,10 @@ def run_t2i(fv) -> dict:
     if not items:
         raise cli.UserError(f"no usable prompts ({len(skipped)} skipped; first: {skipped[0].reason})")
 
-    devices = local_devices(fv.devices)
-    gen = replicated_generator(gen, devices)
+    devices = local_devices(fv.devices, fv.mesh)
+    gen = placed_generator(gen, devices)
     mine = _shares(items)
-    os.makedirs(layout.out, exist_ok=True)
+    fs.makedirs(layout.out)
     fmts.clean_partials(layout.out)
     layout.prepare(mine)
     jobs = [(it, k) for it in mine for k in layout.pending(it)]
@@ -701,6 +789,7 @@ def run_t2i(fv) -> dict:
     started = time.time()
     run_path = _run_json_path(layout.run_json)
     record = {"command": "t2i", "settings": settings, "model": gen.info, "devices": devices.count,
+              "mesh": {k: int(v) for k, v in devices.mesh.shape.items()},
               "processes": _process_count(), "items": len(items), "skipped": [s.as_dict() for s in skipped],
               "images_total": len(mine) * num_images, "images_done_before": done_before, "images_written": 0,
               "complete": False}
@@ -885,10 +974,10 @@ def run_i2t(fv) -> dict:
         items = [it for it in items if it.index < fv.limit]
     if fmt == "mme":
         out_dir = fv.out
-        log_path = os.path.join(out_dir, "predictions.jsonl")
-        run_path = os.path.join(out_dir, "run.json")
+        log_path = fs.join(out_dir, "predictions.jsonl")
+        run_path = fs.join(out_dir, "run.json")
     else:
-        if os.path.isdir(fv.out):
+        if fs.isdir(fv.out):
             raise cli.UserError(f"--out {fv.out} is a directory; i2t --format jsonl writes a .jsonl file")
         log_path = fv.out
         run_path = os.path.splitext(fv.out)[0] + ".run.json"
@@ -902,7 +991,7 @@ def run_i2t(fv) -> dict:
     settings.update(min_pixels=min_px, max_pixels=max_px)
     mine = _shares(items)
     done = {int(r["index"]): r for r in fmts.read_jsonl_rows(log_path)}
-    if os.path.exists(log_path):  # drop a torn last line of a killed run before appending
+    if fs.exists(log_path):  # drop a torn last line of a killed run before appending
         fmts.write_bytes(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                            for r in done.values()).encode())
     todo = [it for it in mine if it.index not in done]
@@ -1016,7 +1105,8 @@ def _is_sana_dir(path: str) -> bool:
 
 def _sdxl_reconstructor(model: str, decoder_dir: str, dtype: str, devices: Devices, settings: dict):
     """(jitted (images uint8 (B, S, S, 3), noise) -> uint8 reconstructions, S): EVA-CLIP features -> the SDXL
-    decoder through `sdxl_decoder.reconstruct`, weights replicated over the devices; cached per process."""
+    decoder through `sdxl_decoder.reconstruct`, weights placed on the `--mesh` (replicated by default); cached per
+    process."""
     import jax
 
     from blip3o_jax.pipelines import sdxl_decoder
@@ -1025,8 +1115,9 @@ def _sdxl_reconstructor(model: str, decoder_dir: str, dtype: str, devices: Devic
     if key not in _LOADED:
         eva_module, eva_params = _load_eva(model, dtype)
         decoder = _load_sdxl(decoder_dir, dtype)
-        _LOADED[key] = (eva_module, devices.replicate(eva_params), decoder,
-                        devices.replicate((decoder.unet_params, decoder.vae_params)), {})
+        _LOADED[key] = (eva_module, devices.place(eva_params, _kind_boxed("eva_clip", eva_module)), decoder,
+                        (devices.place(decoder.unet_params, _kind_boxed("unet", decoder.unet)),
+                         devices.place(decoder.vae_params, _kind_boxed("autoencoder_kl", decoder.vae))), {})
     eva_module, eva_params, decoder, (unet_params, vae_params), fns = _LOADED[key]
     steps, guidance, resolution = settings["decoder_steps"], settings["decoder_guidance"], settings["resolution"]
     if (steps, guidance, resolution) not in fns:
@@ -1047,12 +1138,38 @@ def _sdxl_reconstructor(model: str, decoder_dir: str, dtype: str, devices: Devic
     return reconstruct
 
 
+def _is_sana_workdir(path: str) -> bool:
+    """A training workdir of the SigLIP2 -> SANA decoder recipe (config.model.kind "sana_decoder")."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    hf = _read_json(config_path)
+    return isinstance(hf, dict) and isinstance(hf.get("model"), dict) and hf["model"].get("kind") == "sana_decoder"
+
+
+def _load_sana_workdir(workdir: str):
+    """The SANA decoder trained in `workdir`: latest checkpoint (the EMA weights when kept) + frozen SigLIP and
+    DC-AE, sampled by the flow-matching Euler scheduler with the run's flow settings (num_train_timesteps, shift)."""
+    from blip3o_jax import models, sampling
+    from blip3o_jax.diffusion import schedulers
+    from blip3o_jax.pipelines import sana_decoder
+    from blip3o_jax.training import model_setup as ms_lib
+
+    model, params, config = sampling.load_trained(workdir)
+    flow = ms_lib.flow_config(config)
+    parts = {g: models.build(kind, getattr(model.cfg, g)) for g, kind in ms_lib.SANA_GROUPS.items()}
+    return sana_decoder.from_parts(
+        **parts, **{f"{g}_params": params[g] for g in parts},
+        scheduler=schedulers.FlowMatchEuler(num_train_timesteps=flow.num_train_timesteps, shift=flow.shift))
+
+
 def _sana_reconstructor(decoder_dir: str, dtype: str, settings: dict):
     from blip3o_jax.pipelines import sana_decoder
 
     key = ("i2i-sana", os.path.abspath(decoder_dir), dtype)
     if key not in _LOADED:
-        _LOADED[key] = sana_decoder.load_sana_decoder(decoder_dir, dtype=None if dtype == "float32" else dtype)
+        _LOADED[key] = (_load_sana_workdir(decoder_dir) if _is_sana_workdir(decoder_dir) else
+                        sana_decoder.load_sana_decoder(decoder_dir, dtype=None if dtype == "float32" else dtype))
     decoder = _LOADED[key]
 
     def reconstruct(images, indices):
@@ -1082,10 +1199,13 @@ def run_i2i(fv) -> dict:
     else:
         kind, decoder_dir = ("sana" if _is_sana_dir(fv.decoder) else "sdxl"), _decoder_dir(fv.model, fv.decoder, "")
     steps = fv.decoder_steps or (50 if kind == "sdxl" else 30)
-    if kind == "sana":
+    if kind == "sana" and _is_sana_workdir(decoder_dir):  # a configs/siglip2_sana.py training run
+        size = int(_read_json(os.path.join(decoder_dir, "config.json"))["model"]["image_size"])
+        resolution = None
+    elif kind == "sana":
         if not _is_sana_dir(decoder_dir):
             raise cli.UserError(f"{decoder_dir}: not a SigLIP2 -> SANA decoder folder (encoder/, connector/, "
-                                "transformer/, vae/, scheduler/)")
+                                "transformer/, vae/, scheduler/) or training workdir")
         size = int(_read_json(os.path.join(decoder_dir, "encoder", "config.json")).get("image_size", 512))
         resolution = None  # the SANA transformer's sample_size x the DC-AE's factor
     else:
@@ -1101,7 +1221,7 @@ def run_i2i(fv) -> dict:
     mine = _shares(items)
     todo, bad = [], []
     for it in mine:  # headers only: an unreadable file is known before anything is loaded or written
-        if os.path.exists(os.path.join(fv.out, f"{it.key}.png")):
+        if fs.exists(fs.join(fv.out, f"{it.key}.png")):
             continue
         try:
             preprocessing.open_image(it.image).close()
@@ -1111,17 +1231,17 @@ def run_i2i(fv) -> dict:
         todo.append(it)
     if not todo and bad:
         raise cli.UserError(f"no readable images: {bad[0].reason}")
-    devices = local_devices(fv.devices)
+    devices = local_devices(fv.devices, fv.mesh)
     reconstruct = (_sdxl_reconstructor(fv.model, decoder_dir, fv.dtype, devices, settings) if kind == "sdxl"
                    else _sana_reconstructor(decoder_dir, fv.dtype, settings))
-    os.makedirs(fv.out, exist_ok=True)
+    fs.makedirs(fv.out)
     fmts.clean_partials(fv.out)
     info = {"path": os.path.abspath(fv.model), "decoder": os.path.abspath(decoder_dir),
             "fingerprint": fingerprint(decoder_dir if kind == "sana" else fv.model)}
     record = {"command": "i2i", "settings": settings, "model": info, "devices": devices.count if kind == "sdxl"
               else 1, "items": len(items), "done_before": len(mine) - len(todo) - len(bad), "written": 0,
               "skipped": [s.as_dict() for s in bad], "complete": False}
-    run_path = _run_json_path(os.path.join(fv.out, "run.json"))
+    run_path = _run_json_path(fs.join(fv.out, "run.json"))
     fmts.write_json(run_path, record)
     global_batch = devices.round_batch(fv.batch) if kind == "sdxl" else fv.batch
     started, written = time.time(), 0
@@ -1147,7 +1267,7 @@ def run_i2i(fv) -> dict:
             rows = chunk + [chunk[-1]] * (global_batch - len(chunk))  # pad rows: copies, discarded
             out = reconstruct(np.stack([a for _, a in rows]), [it.index for it, _ in rows])
             for (it, _), image in zip(chunk, np.asarray(out)):
-                fmts.write_png(os.path.join(fv.out, f"{it.key}.png"), image)
+                fmts.write_png(fs.join(fv.out, f"{it.key}.png"), image)
                 written += 1
             bar.update(len(chunk))
     finally:

@@ -24,7 +24,10 @@ Image-to-text (`--format` of `i2t`):
   prediction`, the two questions of an image on consecutive lines, tabs/newlines removed from predictions.
 
 Every file is written through `atomic_write` (a hidden temporary beside it, then `os.replace`), so a killed run
-never leaves a half-written output; `clean_partials` removes the temporaries a killed run left behind.
+never leaves a half-written output; `clean_partials` removes the temporaries a killed run left behind. Outputs go
+through the path layer of `blip3o_jax/paths.py`: `--out gs://BUCKET/...` writes every file (images, JSONL, run.json)
+to the bucket, each object uploaded whole under its final name (an object appears only once complete), and the
+resume scan reads the bucket's listing.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from blip3o_jax import paths as fs
 
 T2I_FORMATS = ("png", "geneval", "dpg", "wise")
 I2T_FORMATS = ("jsonl", "mme")
@@ -86,19 +91,9 @@ class Skipped:
 
 
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Writes `path` through a hidden `.<name>.partial` file in the same folder, renamed into place when complete."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes `path` through a hidden `.<name>.partial` file in the same folder, renamed into place when complete
+    (a remote path: the object itself, which appears only when complete)."""
+    fs.atomic_write(path, write, tmp_name=f".{fs.basename(path)}{PARTIAL_SUFFIX}")
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -125,8 +120,8 @@ def write_png(path: str, image: np.ndarray) -> None:
 def clean_partials(folder: str) -> int:
     """Removes the temporaries of `atomic_write` left under `folder` by a killed run; returns how many."""
     removed = 0
-    if not os.path.isdir(folder):
-        return 0
+    if fs.is_remote(folder) or not os.path.isdir(folder):
+        return 0  # remote outputs are written whole under their final names: no temporaries to clean
     for root, _, files in os.walk(folder):
         for name in files:
             if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
@@ -371,42 +366,42 @@ class T2ILayout:
     def __init__(self, fmt: str, out: str, num_images: int):
         if fmt == "dpg" and num_images != 4:
             raise FormatError(f"--format dpg writes 2x2 grids: --num_images_per_prompt must be 4, got {num_images}")
-        self.fmt, self.out, self.num_images = fmt, os.path.abspath(out), num_images
+        self.fmt, self.out, self.num_images = fmt, fs.abspath(out), num_images
 
     @property
     def run_json(self) -> str:
         if self.fmt == "dpg":  # the DPG scorer reads every file of its folder: keep run.json out of it
-            return self.out.rstrip(os.sep) + ".run.json"
-        return os.path.join(self.out, "run.json")
+            return self.out.rstrip(os.sep).rstrip("/") + ".run.json"
+        return fs.join(self.out, "run.json")
 
     def image_path(self, item: Item, k: int) -> str:
         if self.fmt == "png":
-            return os.path.join(self.out, f"{item.key}_{k:02d}.png")
+            return fs.join(self.out, f"{item.key}_{k:02d}.png")
         if self.fmt == "geneval":
-            return os.path.join(self.out, item.key, "samples", f"{k:04d}.png")
+            return fs.join(self.out, item.key, "samples", f"{k:04d}.png")
         if self.fmt == "wise":
-            return os.path.join(self.out, f"{item.key}.png")
-        return os.path.join(self.out, f"{item.key}.png")  # dpg: one grid for all k
+            return fs.join(self.out, f"{item.key}.png")
+        return fs.join(self.out, f"{item.key}.png")  # dpg: one grid for all k
 
     def pending(self, item: Item) -> list[int]:
         """The image indices k still to generate for `item` (a DPG grid is all-or-nothing)."""
         if self.fmt in ("dpg", "wise"):
-            return [] if os.path.exists(self.image_path(item, 0)) else list(range(self.num_images))
-        return [k for k in range(self.num_images) if not os.path.exists(self.image_path(item, k))]
+            return [] if fs.exists(self.image_path(item, 0)) else list(range(self.num_images))
+        return [k for k in range(self.num_images) if not fs.exists(self.image_path(item, k))]
 
     def prepare(self, items: Sequence[Item]) -> None:
         """Writes the per-prompt files that come before any image (GenEval metadata, the png prompt index)."""
-        os.makedirs(self.out, exist_ok=True)
+        fs.makedirs(self.out)
         if self.fmt == "geneval":
             for item in items:
-                path = os.path.join(self.out, item.key, "metadata.jsonl")
-                if not os.path.exists(path):
+                path = fs.join(self.out, item.key, "metadata.jsonl")
+                if not fs.exists(path):
                     write_json(path, item.meta, indent=None)  # one object: the scorer json.load()s it
         elif self.fmt == "png":
             rows = "".join(json.dumps({"index": it.index, "key": it.key, "prompt": it.text}, ensure_ascii=False)
                            + "\n" for it in items)
-            path = os.path.join(self.out, "prompts.jsonl")
-            if not os.path.exists(path) or open(path, encoding="utf-8").read() != rows:
+            path = fs.join(self.out, "prompts.jsonl")
+            if not fs.exists(path) or fs.read_text(path) != rows:
                 write_bytes(path, rows.encode())
 
     def write(self, item: Item, images: dict[int, np.ndarray]) -> list[str]:
@@ -436,15 +431,15 @@ class T2ILayout:
         for item in items:
             for k in range(self.num_images):
                 path = self.image_path(item, k)
-                if os.path.exists(path) and len(thumbs) < 48:
-                    with Image.open(path) as img:
+                if len(thumbs) < 48 and fs.exists(path):
+                    with Image.open(io.BytesIO(fs.read_bytes(path))) as img:
                         thumbs.append(np.asarray(img.convert("RGB").resize((96, 96), Image.BICUBIC)))
                     captions.append(item.text)
         if thumbs:
             sheet = sampling.image_grid(np.stack(thumbs), captions, columns=min(6, len(thumbs)), scale=1)
             buf = io.BytesIO()
             sheet.save(buf, format="PNG")
-            write_bytes(os.path.join(self.out, "contact_sheet.png"), buf.getvalue())
+            write_bytes(fs.join(self.out, "contact_sheet.png"), buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,22 +448,27 @@ class T2ILayout:
 
 def read_jsonl_rows(path: str) -> list[dict]:
     """Rows of a JSONL file this tool wrote; a torn last line (a killed run) is dropped."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    # split on "\n" only (a prediction may hold U+2028); a tail torn inside a character decodes as invalid JSON
+    for line in io.StringIO(fs.read_bytes(path).decode("utf-8", errors="replace")):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     return rows
 
 
 def append_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """Appends whole lines, flushed and synced (the resume log of i2t; a torn tail is dropped on reread)."""
+    """Appends whole lines, flushed and synced (the resume log of i2t; a torn tail is dropped on reread). An object
+    store has no append: a remote log is rewritten whole, with the new lines at its end."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if not data:
+        return
+    if fs.is_remote(path):
+        old = fs.read_bytes(path) if fs.exists(path) else b""
+        write_bytes(path, old + data.encode("utf-8"))
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -495,7 +495,7 @@ def write_mme(out_dir: str, rows: Sequence[dict]) -> list[str]:
                 question = row["question"].replace("\t", " ").replace("\n", " ").strip()
                 lines.append("\t".join([os.path.basename(qid), question, row["answer"].strip(),
                                         clean_prediction(row["prediction"])]))
-        path = os.path.join(out_dir, f"{category}.txt")
+        path = fs.join(out_dir, f"{category}.txt")
         write_bytes(path, ("\n".join(lines) + "\n").encode())
         paths.append(path)
     return paths

@@ -14,7 +14,6 @@ SDXL-UNet decoder, not part of this package.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -108,10 +107,11 @@ def load_trained(workdir: str, step: int | None = None, config=None):
     from blip3o_jax.training import optimizer as opt_lib
     from blip3o_jax.training import state as state_lib
 
-    workdir = os.path.abspath(workdir)
+    from blip3o_jax import paths as fs
+
+    workdir = fs.abspath(workdir)  # a gs:// workdir stays one
     if config is None:
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(json.loads(fs.read_bytes(fs.join(workdir, "config.json"))))
     ms = ms_lib.model_setup(config, shd.make_mesh({"data": -1}))
     tx, _ = opt_lib.make_optimizer(config.train)
     abstract_state, _ = state_lib.layout(ms, tx, ema=bool(defaults.option(config, "train.ema_decay")))
@@ -122,7 +122,7 @@ def load_trained(workdir: str, step: int | None = None, config=None):
         checkpointer.close()
     frozen = {}
     if ms.abstract_frozen:
-        frozen = ckpt_lib.restore_params(os.path.join(workdir, "frozen"), ms.abstract_frozen)
+        frozen = ckpt_lib.restore_params(fs.join(workdir, "frozen"), ms.abstract_frozen)
     # the moving average of the weights when the run kept one (config.train.ema_decay): it samples better
     trainable = state.params if state.ema_params is None else state.ema_params
     return ms.model, opt_lib.merge_params(trainable, frozen), config

@@ -18,6 +18,11 @@ At training time (`resolve(config)`), when every text-to-image tar dataset has c
 model's fingerprint, the run switches to `model.target="precomputed"`: the data pipeline reads each sample's grid
 from the companion shard instead of decoding its image (`TargetSource` below), and the train step has no encoder.
 A sample whose target is missing is a bad sample (reason "missing_target") and is replaced like any other.
+
+A dataset's `targets_dir` may be a bucket (`gs://...`): the companions are written there through the path layer of
+`blip3o_jax/paths.py` (each object uploaded whole under its final name, the old metadata removed first and the new
+written last, so a shard still counts as done only when complete). Training reads companion shards by byte ranges
+of local files: point `targets_dir` at a gcsfuse mount of that bucket for the training run.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from blip3o_jax import paths as fs
 from blip3o_jax.data import sources, tar_index
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,7 @@ def companion_paths(shard: str, targets_dir: str | None = None) -> tuple[str, st
     base = os.path.basename(shard)
     stem = base[: -len(".tar")] if base.endswith(".tar") else base
     directory = targets_dir if targets_dir else os.path.dirname(os.path.abspath(shard))
-    return os.path.join(directory, stem + SUFFIX), os.path.join(directory, stem + META_SUFFIX)
+    return fs.join(directory, stem + SUFFIX), fs.join(directory, stem + META_SUFFIX)
 
 
 def is_companion(path: str) -> bool:
@@ -101,8 +107,7 @@ def fingerprint_id(fp: dict) -> str:
 def read_meta(shard: str, targets_dir: str | None = None) -> dict | None:
     _, meta_path = companion_paths(shard, targets_dir)
     try:
-        with open(meta_path) as f:
-            return json.load(f)
+        return json.loads(fs.read_bytes(meta_path))
     except (OSError, ValueError):
         return None
 
@@ -110,7 +115,7 @@ def read_meta(shard: str, targets_dir: str | None = None) -> dict | None:
 def is_complete(shard: str, fp_id: str, targets_dir: str | None = None) -> bool:
     meta = read_meta(shard, targets_dir)
     tar_path, _ = companion_paths(shard, targets_dir)
-    return bool(meta and meta.get("complete") and meta.get("fingerprint_id") == fp_id and os.path.exists(tar_path))
+    return bool(meta and meta.get("complete") and meta.get("fingerprint_id") == fp_id and fs.exists(tar_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +153,10 @@ def decode_grid(data: bytes, dtype: str = "bfloat16") -> np.ndarray:
 
 
 class CompanionWriter:
-    """Streams `<key>.target.npy` members into a temporary tar, then renames it and writes the metadata json."""
+    """Streams `<key>.target.npy` members into a temporary tar, then renames it and writes the metadata json.
+
+    On an object store (no rename: a "rename" copies the object) the tar is uploaded straight to its final name
+    after the shard's old metadata is removed, and the metadata object, written last, marks it complete."""
 
     def __init__(self, shard: str, fp: dict, *, shape: Sequence[int], dtype: str = "bfloat16",
                  targets_dir: str | None = None, num_samples: int | None = None):
@@ -156,9 +164,15 @@ class CompanionWriter:
 
         self.shard, self.fp, self.shape, self.dtype = shard, fp, tuple(int(s) for s in shape), dtype
         self.tar_path, self.meta_path = companion_paths(shard, targets_dir)
-        os.makedirs(os.path.dirname(self.tar_path), exist_ok=True)
-        self.tmp_path = f"{self.tar_path}.tmp-{os.getpid()}"
-        self._tar = tarfile.open(self.tmp_path, "w")
+        self.remote = fs.is_remote(self.tar_path)
+        fs.makedirs(fs.dirname(self.tar_path))
+        if self.remote:
+            fs.remove(self.meta_path)  # the tar below replaces the one it describes
+            self.tmp_path, self._file = self.tar_path, fs.open_file(self.tar_path, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w")
+        else:
+            self.tmp_path, self._file = f"{self.tar_path}.tmp-{os.getpid()}", None
+            self._tar = tarfile.open(self.tmp_path, "w")
         self.written, self.missing, self.num_samples = 0, [], num_samples
 
     def add(self, key: str, grid: np.ndarray) -> None:
@@ -177,23 +191,25 @@ class CompanionWriter:
 
     def commit(self) -> dict:
         self._tar.close()
-        os.replace(self.tmp_path, self.tar_path)
+        if self._file is not None:
+            self._file.close()  # the upload completes here
+        else:
+            os.replace(self.tmp_path, self.tar_path)
         meta = {"format": FORMAT_VERSION, "shard": os.path.basename(self.shard), "complete": True,
                 "fingerprint_id": fingerprint_id(self.fp), "fingerprint": self.fp, "shape": list(self.shape),
                 "dtype": self.dtype, "num_samples": self.num_samples, "num_targets": self.written,
                 "missing": self.missing}
-        tmp = f"{self.meta_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, self.meta_path)
+        fs.atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()),
+                        tmp_name=f"{fs.basename(self.meta_path)}.tmp-{os.getpid()}")
         return meta
 
     def abort(self) -> None:
         try:
             self._tar.close()
+            if self._file is not None:
+                self._file.close()
         finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+            fs.remove(self.tmp_path)  # remote: the partial upload (no metadata describes it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +229,10 @@ class TargetSource:
         self.name = source.name
         self.targets_dir, self.index_cache_dir = targets_dir, index_cache_dir
         self.companions, self.metas = [], []
+        if targets_dir and fs.is_remote(targets_dir):
+            raise ValueError(f"dataset {source.name!r}: targets_dir {targets_dir} is on an object store; training "
+                             "reads the companion shards from local files: mount the bucket with gcsfuse "
+                             "(tpu_launch.sh --mount-bucket) and point targets_dir at the mount")
         for shard in source.shards:
             tar_path, meta_path = companion_paths(shard, targets_dir)
             meta = read_meta(shard, targets_dir)
@@ -342,6 +362,9 @@ def check(config) -> Resolution:
     for spec, shards in datasets:
         if not shards:
             return Resolution(False, f"dataset {spec.get('name')!r} is not made of tar shards")
+        if fs.is_remote(spec.get("targets_dir") or ""):
+            return Resolution(False, f"dataset {spec.get('name')!r}: targets_dir {spec['targets_dir']} is on an "
+                                     "object store; training reads companion shards from a local (gcsfuse) mount")
         for shard in shards:
             meta = read_meta(shard, spec.get("targets_dir"))
             if meta is None or not meta.get("complete"):

@@ -4,6 +4,8 @@ Two runs on one workdir would interleave their checkpoints and metrics and delet
 keeps the last K of whatever it finds), so process 0 holds `workdir/.lock` (created with O_EXCL; it records the host
 and the pid) for the duration of the run. A lock left by a run that died (its pid is gone on this host) is taken
 over with a log line; a lock of a live process, or of another host (which this host cannot check), is refused.
+A remote workdir (`gs://...`) gets no lock: an object store has no exclusive create, so the run says so in one
+warning line and the user keeps two runs apart.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import socket
 import time
 
+from blip3o_jax import paths
 from blip3o_jax.cli import UserError
 
 log = logging.getLogger(__name__)
@@ -20,8 +23,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 
 
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
+is_remote = paths.is_remote
 
 
 def check_writable(workdir: str) -> None:
@@ -61,6 +63,9 @@ class WorkdirLock:
         self.path = os.path.join(workdir, LOCK_FILE)
         self.enabled = enabled and not is_remote(workdir)  # object stores have no O_EXCL create
         self.held = False
+        if enabled and is_remote(workdir):
+            log.warning("--workdir %s is on an object store, which cannot hold a lock file: make sure no other run "
+                        "uses it", workdir)
 
     def acquire(self) -> "WorkdirLock":
         if not self.enabled:
@@ -128,20 +133,17 @@ def _remove(path: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # One path layer for every file a run writes under its workdir: local paths through `os`, `gs://...` (and any
-# other scheme) through `etils.epath`, the layer Orbax itself writes checkpoints with. Nothing here creates a local
-# directory named "gs:".
+# other scheme) through `etils.epath`, the layer Orbax itself writes checkpoints with (blip3o_jax/paths.py, shared
+# with the sampler, precompute and the converter). Nothing here creates a local directory named "gs:".
 
 
 def _epath(path: str):
-    from etils import epath
-
-    return epath.Path(path)
+    return paths._epath(path)  # looked up at call time: substituting either module's `_epath` redirects both
 
 
 def storage_path(path: str) -> str:
-    """The path handed to Orbax (which reads and writes `gs://` itself, through epath and tensorstore). The one place
-    a test substitutes a local directory for the remote store of the Orbax items."""
-    return path
+    """The path handed to Orbax (which reads and writes `gs://` itself, through epath and tensorstore)."""
+    return paths.storage_path(path)
 
 
 def rename(src: str, dst: str) -> None:
