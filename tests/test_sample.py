@@ -573,3 +573,55 @@ def test_t2i_pixels_and_i2t_tokens_match_the_pytorch_composition(release, images
                 eos_token_id=list(reader.eos_ids), pad_token_id=reader.pad_id)[0, ids.shape[1]:].numpy()
         stop = next((j for j, t in enumerate(new) if int(t) in reader.eos_ids), len(new))
         assert tok.decode(new[:stop], skip_special_tokens=True).strip() == row["prediction"], row
+
+
+def test_t2i_mesh_shards_the_weights(release, prompt_file, uninterrupted, tmp_path):
+    """--mesh data=2,fsdp=4: the weights sharded over fsdp by their logical axes (as the trainer shards them), the
+    batch over data x fsdp; the same pixels as the default replicated run, within one grey level where XLA's
+    reductions differ with the sharding (how many PNGs are byte-identical is printed)."""
+    record = t2i(release, tmp_path / "fsdp", "--prompts", prompt_file, "--num_images_per_prompt", "2", "--batch", "8",
+                 "--mesh", "fsdp=4")  # data takes the devices left over: data=2
+    assert record["devices"] == 8 and record["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    ref, got = pngs(uninterrupted[0]), pngs(tmp_path / "fsdp")
+    assert sorted(got) == sorted(ref)
+    diffs = {f: int(np.abs(got[f].astype(int) - ref[f]).max()) for f in ref}
+    same = sum(open(tmp_path / "fsdp" / f, "rb").read() == open(os.path.join(uninterrupted[0], f), "rb").read()
+               for f in ref)
+    print(f"[mesh] data=2,fsdp=4 vs replicated batch 3: {same}/{len(ref)} PNGs byte-identical, max diff "
+          f"{max(diffs.values())}")
+    assert max(diffs.values()) <= 1, diffs
+
+    # the weights the run used really are split: each device holds a quarter of the LLM's embedding table, of the
+    # DiT's and of the UNet's large matrices (the model width on fsdp), and the whole of nothing large
+    devices = sample.local_devices(None, "fsdp=4")
+    gen = sample.placed_generator(sample.load_generator(release, "sdxl", "float32", None), devices)
+    embed = gen.params["backbone"]["embed_tokens"]["embedding"]
+    assert embed.sharding.spec[1] == "fsdp"  # ("vocab", "embed") -> (tensor, fsdp)
+    assert embed.addressable_shards[0].data.shape == (embed.shape[0], embed.shape[1] // 4)
+    for name, tree in (("llm", gen.params["backbone"]), ("dit", gen.params["dit"]),
+                       ("unet", gen.decoder.unet_params)):
+        leaves = [x for x in jax_leaves(tree) if x.size >= 4096]
+        split = [x for x in leaves if "fsdp" in str(x.sharding.spec)]
+        assert leaves and len(split) >= 0.5 * len(leaves), (name, len(split), len(leaves))
+    # the default mesh keeps every weight whole on every device
+    plain = sample.placed_generator(gen, sample.local_devices(None))
+    assert all(x.sharding.is_fully_replicated for x in jax_leaves(plain.params))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_mesh_flag_parsing():
+    assert sample.parse_mesh(None) == {"data": -1}
+    assert sample.parse_mesh("fsdp=4") == {"fsdp": 4, "data": -1}
+    assert sample.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+    assert sample.parse_mesh("tensor=-1") == {"tensor": -1}
+    with pytest.raises(ValueError, match="--mesh 'fsdp4'"):
+        sample.parse_mesh("fsdp4")
+    with pytest.raises(cli.UserError, match="--mesh data=3"):
+        sample.local_devices(None, "data=3")  # 8 devices do not split into 3 rows
+    devices = sample.local_devices(None, "tensor=2")
+    assert devices.batch_parallel == 4 and devices.shards_weights and devices.round_batch(5) == 8
