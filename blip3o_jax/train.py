@@ -30,6 +30,7 @@ from blip3o_jax.models import registry
 from blip3o_jax.training import checkpoint as ckpt_lib
 from blip3o_jax.training import defaults
 from blip3o_jax.training import metrics as metrics_lib
+from blip3o_jax.training import model_setup as ms_lib
 from blip3o_jax.training import step as step_lib
 from blip3o_jax.training import workdir as wd
 
@@ -48,9 +49,15 @@ def check_config(config) -> None:
     """Values and cross-section consistency, reported as one actionable sentence (before anything is written)."""
     m, d = config.model, config.data
     _check_numbers(config)
-    if int(d.n_query) != int(m.n_query):
+    try:
+        sana = ms_lib.model_kind(config) == "sana_decoder"
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if sana:
+        _check_sana(config)
+    elif int(d.n_query) != int(m.n_query):
         raise UserError(f"config.data.n_query={d.n_query} but config.model.n_query={m.n_query}; they must agree")
-    if m.target != "precomputed" and int(d.gen_image_size) != int(m.image_size):
+    if m.get("target") != "precomputed" and int(d.gen_image_size) != int(m.image_size):
         raise UserError(f"config.data.gen_image_size={d.gen_image_size} but config.model.image_size={m.image_size}")
     if not d.datasets:
         # list-valued overrides (--config.data.datasets=[...]) are not supported by ml_collections' flags
@@ -72,6 +79,29 @@ def check_config(config) -> None:
     if int(d.global_batch_size) % accum:
         raise UserError(f"config.data.global_batch_size={d.global_batch_size} is not divisible by "
                         f"config.train.grad_accum_steps={accum}")
+
+
+def _check_sana(config) -> None:
+    """The SANA decoder recipe's model and flow sections (model.kind="sana_decoder")."""
+    try:
+        ms_lib.sana_decoder_config(config)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    p = (config.get("flow") or {}).get("cond_drop_prob", 0.1)
+    if not 0.0 <= float(p) <= 1.0:
+        raise UserError(f"config.flow.cond_drop_prob={p}: the probability of the black-image null condition must "
+                        "be between 0 and 1 (the original: 0.1)")
+    try:
+        ms_lib.flow_config(config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.flow: {e}") from None
+    tasks = sorted({ds.get("task", "t2i") for ds in config.data.datasets} - {"t2i"})
+    if tasks:
+        raise UserError(f"config.data.datasets has {tasks} rows; the SANA decoder trains on images (task 't2i' rows, "
+                        "whose captions it ignores)")
+    if config.data.get("precomputed_targets", "auto") in (True, "true", "always"):
+        raise UserError("config.data.precomputed_targets=True: the SANA decoder recipe computes its DC-AE latents in "
+                        "the step (it needs the image for SigLIP anyway); set it to 'never'")
 
 
 def _check_numbers(config) -> None:
@@ -130,6 +160,16 @@ def load_init_from(spec: str, setup) -> dict:
     from blip3o_jax import pretrained
 
     abstract = setup.abstract_params
+    ms = getattr(setup, "model_setup", setup)
+    if isinstance(ms, ms_lib.SanaDecoderSetup):  # upstream or converted parts, or a whole SANA decoder folder
+        from blip3o_jax import pretrained
+        from blip3o_jax.convert.common import ConversionError
+
+        entries = [(g, pretrained.local_path(p, what="config.init_from checkpoint")) for g, p in _parse_init_from(spec)]
+        try:
+            return ms_lib.load_sana_init_from(ms, entries)
+        except (ValueError, ConversionError) as e:
+            raise UserError(str(e)) from None
     loaded = {}
     for group, path in _parse_init_from(spec):
         path = pretrained.local_path(path, what="config.init_from checkpoint")
@@ -327,9 +367,7 @@ def _reporter(config, setup: step_lib.TrainSetup, workdir: str, data_iter, start
         wd.write_text(wd.join(workdir, "config.json"), json.dumps(ckpt_lib.config_to_json(config), indent=2))
     peak, peak_how = metrics_lib.device_peak_flops()
     total_steps = int(config.train.total_steps)
-    flops = metrics_lib.train_flops_per_sample(
-        setup.model_cfg, seq_len=max(int(n) for n in config.data.seq_buckets), trainable=setup.trainable_names,
-        text_loss=bool(defaults.option(config, "train.text_loss_weight")))
+    flops = setup.model_setup.train_flops_per_sample()
     if precomputed.use:
         writer.write_text(f"precomputed targets {precomputed.shape} from companion shards ({precomputed.reason})")
     writer.write_text(f"training {total_steps} steps from step {start} on {jax.device_count()} devices, mesh "
@@ -571,7 +609,8 @@ def _data_iterator(config, setup: step_lib.TrainSetup):
 
     data = data_lib.build(config.data)
     vocab = len(data.tokenizer)
-    if vocab > setup.model_cfg.backbone.vocab_size:
+    backbone = getattr(setup.model_cfg, "backbone", None)  # none in the SANA decoder (its captions are unused)
+    if backbone is not None and vocab > backbone.vocab_size:
         raise UserError(f"the tokenizer {config.data.tokenizer} has {vocab} tokens but the backbone's vocab_size is "
                         f"{setup.model_cfg.backbone.vocab_size}")
     return data.iterator(), data.tokenizer

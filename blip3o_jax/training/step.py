@@ -295,6 +295,8 @@ def _jit_step(ms: ms_lib.ModelSetup, train_step, init, state_sh, batch_sh):
 def make_train_step(config, mesh) -> TrainSetup:
     """The jitted train step of `config` on `mesh`, with its state layout and initialiser (module docstring)."""
     ms = ms_lib.model_setup(config, mesh)
+    if isinstance(ms, ms_lib.SanaDecoderSetup):
+        return make_sana_train_step(config, ms)
     tx, schedule = opt_lib.make_optimizer(config.train)
     text_loss_weight = float(defaults.option(config, "train.text_loss_weight"))
     ema_decay = float(defaults.option(config, "train.ema_decay"))
@@ -312,6 +314,126 @@ def make_train_step(config, mesh) -> TrainSetup:
 
     train_step = make_step_fn(ms.targets, loss_fn, tx, schedule, text_loss_weight=text_loss_weight,
                               accum=int(defaults.option(config, "train.grad_accum_steps")), ema_decay=ema_decay)
+    step_fn, init_fn = _jit_step(ms, train_step, init, state_sh, batch_sh)
+    return TrainSetup(
+        config=config, mesh=mesh, model_setup=ms, tx=tx, schedule=schedule, abstract_state=abstract_state,
+        abstract_batch=abstract_batch, state_shardings=state_sh, batch_shardings=batch_sh, step_fn=step_fn,
+        init=init_fn, targets_fn=jax.jit(ms.targets), loss_fn=loss_fn,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.kind = "sana_decoder": the SigLIP2 -> SANA decoder's recipe (the original's Reconstruction branch,
+# `train_image_reconstruction.py` `DiffusionDecoder.forward` and `i2i_process_fn`)
+#
+# Per sample: the target crop's DC-AE latents x0 = (encode(image) - shift) * scaling_factor; with probability
+# `flow.cond_drop_prob` (0.1) the SigLIP input is an all-black image instead of the image (the null condition CFG
+# samples with); σ uniform over the 1000-entry table of diffusers' FlowMatchEulerDiscreteScheduler (weighting
+# "uniform"; SANA's scheduler config loaded into that class has shift 1); x_t = (1 - σ) x0 + σ ε; SANA sees
+# timestep 1000·σ (float) and the connector's tokens; loss = mean over elements of (v - (ε - x0))², mean over the
+# batch. SigLIP and the DC-AE run outside the gradient; the connector and SANA are trained.
+
+
+def sana_batch_spec(config, mcfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch fields the SANA decoder step consumes: the uint8 crop (B, S, S, 3) and the row validity."""
+    d = config.data
+    tcfg = transforms.TransformConfig.from_data_config(d, gen_image_size=int(mcfg.image_size))
+    schema = transforms.step_schema(tcfg, {"t2i"}, int(d.global_batch_size), seq_len=tcfg.max_seq_len,
+                                    understanding=False)
+    return {k: jax.ShapeDtypeStruct(*schema[k]) for k in ("gen_image", "sample_valid")}
+
+
+def sana_step_rngs(state_rng, step):
+    """(null-condition key, loss key) of a step: both from fold_in(state rng, step), so a resumed run draws the
+    same null rows, timesteps and noise."""
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+    return tuple(jax.random.split(step_rng))
+
+
+def sana_null_mask(null_rng, batch: int, prob: float):
+    """(B,) bool: the rows whose SigLIP input is the black image (the original: `torch.rand(...) <= 0.1`)."""
+    return jax.random.bernoulli(null_rng, prob, (batch,))
+
+
+def make_sana_loss_fn(model, flow_cfg, *, num_sigma_buckets: int):
+    """loss_fn(params, batch, targets, rng) -> aux sums; targets = {"latents": x0, "features": SigLIP features}."""
+    from blip3o_jax.diffusion import flow_matching
+
+    def loss_fn(params, batch, targets, rng):
+        x0 = targets["latents"].astype(jnp.float32)  # (B, h, w, C)
+        valid = (batch["sample_valid"] > 0).astype(jnp.float32)
+        t_rng, noise_rng = jax.random.split(rng)
+        sigma, timestep = flow_matching.sample_timesteps(t_rng, x0.shape[0], flow_cfg)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        s = sigma[:, None, None, None]
+        noisy = (1.0 - s) * x0 + s * noise
+        variables = {"params": params}
+        condition = model.apply(variables, targets["features"], method=ms_lib.SanaDecoderModel.condition)
+        velocity = model.apply(variables, noisy, timestep, condition, method=ms_lib.SanaDecoderModel.velocity)
+        err = jnp.square(velocity.astype(jnp.float32) - (noise - x0))
+        per_sample = jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
+        sigma_sum, sigma_count = sigma_buckets(sigma, per_sample, valid, num_sigma_buckets)
+        return {"loss_sum": jnp.sum(per_sample * valid), "sigma_sum": sigma_sum, "sigma_count": sigma_count}
+
+    return loss_fn
+
+
+def make_sana_step_fn(ms, loss_fn, tx, schedule, *, null_prob: float, accum: int, ema_decay: float):
+    """The pure SANA decoder train step (state, frozen params, batch) -> (new state, metrics)."""
+
+    def train_step(state: TrainState, frozen, batch):
+        null_rng, loss_rng = sana_step_rngs(state.rng, state.step)
+        valid = batch["sample_valid"] > 0
+        null = sana_null_mask(null_rng, valid.shape[0], null_prob)
+        params = opt_lib.merge_params(state.params, frozen)
+        targets = {"latents": ms.targets(params, batch),
+                   "features": ms.conditions(params, batch["gen_image"], null)}
+        count = jnp.sum(valid.astype(jnp.float32))
+
+        def micro_loss(trainable, micro_batch, micro_targets, rng):
+            aux = loss_fn(opt_lib.merge_params(trainable, frozen), micro_batch, micro_targets, rng)
+            return aux["loss_sum"] / jnp.maximum(count, 1.0), aux
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        (loss, aux), grads = _gradients(grad_fn, state.params, batch, targets, loss_rng, accum)
+        new_state, update_norm, grad_norm = _apply_update(state, grads, loss, tx, ema_decay)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "update_norm": update_norm,
+            "param_norm": optax.tree.norm(new_state.params),
+            "lr": schedule(state.step),
+            "gen_samples": count,
+            "null_samples": jnp.sum((null & valid).astype(jnp.float32)),
+            "nonfinite_total": new_state.nonfinite_total,
+            "nonfinite_streak": new_state.nonfinite_streak,
+            "sigma_sum": aux["sigma_sum"],
+            "sigma_count": aux["sigma_count"],
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_sana_train_step(config, ms) -> TrainSetup:
+    """`make_train_step` of a SANA decoder run (`ms`: training/model_setup.py `SanaDecoderSetup`)."""
+    tx, schedule = opt_lib.make_optimizer(config.train)
+    ema_decay = float(defaults.option(config, "train.ema_decay"))
+    flow_cfg = ms_lib.flow_config(config)
+    loss_fn = make_sana_loss_fn(ms.model, flow_cfg, num_sigma_buckets=int(defaults.option(config, "log.sigma_buckets")))
+    abstract_state, state_sh = state_lib.layout(ms, tx, ema=bool(ema_decay))
+    spec = sana_batch_spec(config, ms.model_cfg)
+    mesh = ms.mesh
+    batch_sh = {k: shd.batch_sharding(mesh, len(v.shape)) for k, v in spec.items()}
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
+
+    def init(rng):
+        trainable, frozen = ms.init_params(rng)
+        _, state_rng = jax.random.split(rng)
+        return state_lib.fresh(trainable, tx, state_rng, ema=bool(ema_decay)), frozen
+
+    train_step = make_sana_step_fn(ms, loss_fn, tx, schedule, null_prob=float(flow_cfg.cond_drop_prob),
+                                   accum=int(defaults.option(config, "train.grad_accum_steps")), ema_decay=ema_decay)
     step_fn, init_fn = _jit_step(ms, train_step, init, state_sh, batch_sh)
     return TrainSetup(
         config=config, mesh=mesh, model_setup=ms, tx=tx, schedule=schedule, abstract_state=abstract_state,
