@@ -24,17 +24,24 @@ from blip3o_jax.models import qwen
 from blip3o_jax.models import qwen2_5_vl as qvl
 
 
-def _without_scan(cfg):
+def without_scan(cfg):
     """`cfg` with `scan_layers=False` in it and in every nested config dataclass."""
     import dataclasses
 
     if not dataclasses.is_dataclass(cfg):
         return cfg
-    changes = {f.name: _without_scan(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+    changes = {f.name: without_scan(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if dataclasses.is_dataclass(getattr(cfg, f.name))}
     if getattr(cfg, "scan_layers", False):
         changes["scan_layers"] = False
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def decode_layout(kind: str, module, params):
+    """(module, params) to decode with on this backend: as given on TPU, `unrolled` elsewhere."""
+    if jax.default_backend() == "tpu":
+        return module, params
+    return unrolled(kind, module.cfg, params)
 
 
 def unrolled(kind: str, cfg, params):
@@ -51,7 +58,7 @@ def unrolled(kind: str, cfg, params):
     from blip3o_jax import models, pretrained
     from blip3o_jax.models import registry
 
-    flat_cfg = _without_scan(cfg)
+    flat_cfg = without_scan(cfg)
     if flat_cfg == cfg:
         return models.build(kind, cfg), params
     module = models.build(kind, flat_cfg)

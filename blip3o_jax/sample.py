@@ -866,7 +866,9 @@ def load_reader(model: str, dtype: str) -> Reader:
     key = ("i2t", os.path.abspath(model), dtype)
     if key in _LOADED:
         return _LOADED[key]
-    from blip3o_jax import convert, models, pretrained, preprocessing
+    import jax
+
+    from blip3o_jax import convert, generation, models, pretrained, preprocessing
     from blip3o_jax.data import prompts
 
     layout = model_layout(model)
@@ -880,6 +882,7 @@ def load_reader(model: str, dtype: str) -> Reader:
             raise cli.UserError(f"{model}: converted as {meta.get('kind')!r}, which has no understanding tower; "
                                 "convert the release with --kind qwen2_5_vl for image to text")
         module, params = pretrained.load_pretrained(model, dtype=policy)
+        module, params = generation.decode_layout("qwen2_5_vl", module, params)
     else:
         hf = _read_json(os.path.join(model, "config.json"))
         try:
@@ -888,11 +891,12 @@ def load_reader(model: str, dtype: str) -> Reader:
             raise cli.UserError(f"{model}/config.json: not a Qwen2.5-VL config ({e})") from None
         if policy:
             cfg = dataclasses.replace(cfg, dtype=policy, param_dtype=policy)
+        if jax.default_backend() != "tpu":  # decode with one set of weights per layer (generation.decode_layout)
+            cfg = generation.without_scan(cfg)
         sd = read_release_tensors(model, lambda k: not _starts(k, BLIP3O_ONLY_PREFIXES))
         params = convert.from_torch("qwen2_5_vl", sd, cfg)
         del sd
         module = models.build("qwen2_5_vl", cfg)
-        import jax
         import jax.numpy as jnp
 
         params = jax.tree.map(jnp.asarray, pretrained._cast(params, cfg.text.param_dtype))
