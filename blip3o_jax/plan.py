@@ -32,7 +32,25 @@ plans and to catch an order-of-magnitude problem, not as a promise. The memory f
 program (XLA's buffer assignment), which is what decides whether a config fits.
 
 `--platform cpu` compiles the same step for `--num_devices` simulated CPU devices (no libtpu needed): memory per
-device and HLO FLOPs as above, no HBM or time estimate. The last line of output is one JSON object.
+device and HLO FLOPs as above, no HBM or time estimate (`--device_spec` gives them a nominal HBM, peak and
+bandwidth: then a fit verdict and a roofline bound). The last line of output is one JSON object.
+
+`--search` compiles a set of candidate plans instead of one and ranks them:
+
+    blip3o-plan --config configs/blip3o_8b.py --topology v5p:4x4x4 --search \
+        --search_space "mesh=fsdp=-1|data=2,fsdp=-1; remat=config|none; attention=xla|pallas" \
+        --results plans/search_8b_v5p.jsonl
+
+The candidates are the product of the `--search_space` dimensions (mesh, remat, global `batch` or `per_chip`
+batch, `attention`, layer `scan`; defaults in `search_space`). Each is resolved against the config (a candidate
+that equals an earlier one is dropped), then checked without compiling: a global batch that data x fsdp does not
+divide is "invalid", and one whose parameters, optimizer state and batch shard alone exceed a device's HBM "does
+not fit". The rest are compiled as above (memory, XLA's estimate, roofline; the compiler's own out-of-memory
+verdict is a "does not fit"). The fitting plans are ranked by XLA's estimated MFU (by the roofline MFU bound where a
+generation has no estimate, v6e here), the others listed after them with the reason; the JSON line holds the
+ranking and the best plan. `--results` makes a long search resumable: each finished candidate is appended to the
+file at once and a rerun skips what it holds (records of a different config are ignored; single-plan outputs'
+JSON lines may be appended to seed it).
 """
 from __future__ import annotations
 
@@ -101,7 +119,8 @@ def _define_flags():
     flags.DEFINE_integer("batch", None, "Global batch size override (default: config.data.global_batch_size).")
     flags.DEFINE_string("name", None, "Label of the config in the output (default: the config file's name).")
     flags.DEFINE_bool("markdown", False, "Compile nothing: read this tool's saved outputs (the files given as "
-                      "arguments, each ending in the JSON line) and print them as one Markdown table (the README's).")
+                      "arguments, each ending in the JSON line; a search's output gives its best plan) and print "
+                      "them as one Markdown table (the README's).")
     flags.DEFINE_enum("cost", "extrapolate", ["extrapolate", "unrolled", "scanned"],
                       "Where the FLOP count and time estimate come from. XLA's cost analysis counts a while loop's "
                       "body once, so a step with `nn.scan`-ned layers reports one layer per tower. 'extrapolate' "
@@ -109,6 +128,21 @@ def _define_flags():
                       "and extrapolates linearly in depth (1 + towers extra compiles of shallow programs); "
                       "'unrolled': one fully unrolled compile (exact, slow for deep configs); 'scanned': no extra "
                       "compile (FLOPs and time too low, no MFU). Memory always comes from the config as given.")
+    flags.DEFINE_bool("search", False, "Plan search: compile every candidate of --search_space (mesh x remat x batch "
+                      "x attention x layer scan), skip the ones whose parameters and optimizer state alone exceed "
+                      "the HBM, and print them ranked by estimated MFU among those that fit (see `search`).")
+    flags.DEFINE_string("search_space", None, "Candidates, one dimension per ';', values separated by '|': "
+                        "'mesh=fsdp=-1|data=2,fsdp=-1|fsdp=-1,tensor=2; remat=config|none|full|backbone=full,"
+                        "dit=none; batch=512|1024 (global) or per_chip=8|16; attention=config|xla|pallas; "
+                        "scan=config|true|false'. Dimensions left out take the defaults of `search_space`.")
+    flags.DEFINE_string("results", None, "--search: JSON-lines file of finished candidates. A search that finds it "
+                        "skips those (resume); each finished candidate is appended at once. Saved single-plan "
+                        "outputs' last lines may be appended to it too.")
+    flags.DEFINE_bool("compile_missing", True, "--search: compile the candidates --results lacks; with "
+                      "--nocompile_missing only rank what the file holds and list the rest as pending.")
+    flags.DEFINE_string("device_spec", None, "Per-device figures 'hbm_gib=..,peak_tflops=..,hbm_gbps=..' replacing "
+                        "the chip's (TPU) or giving --platform cpu a nominal device: then CPU plans have a fit "
+                        "verdict and a roofline bound (used by the tests).")
 
 
 REMAT_TOWERS = ("backbone", "dit", "gen_encoder")
@@ -182,6 +216,26 @@ def remat_summary(mcfg) -> str:
     return ",".join(parts)
 
 
+def attention_summary(mcfg) -> str:
+    """'backbone=xla,dit=pallas,...': the attention kernel of each tower (None, the default of some towers, is
+    the XLA path and reads "xla")."""
+    parts = []
+    for tower in REMAT_TOWERS:
+        cfg = getattr(mcfg, tower, None)
+        if cfg is not None and hasattr(cfg, "attention_impl"):
+            parts.append(f"{tower}={cfg.attention_impl or 'xla'}")
+    return ",".join(parts)
+
+
+def scan_summary(mcfg) -> str:
+    parts = []
+    for tower in REMAT_TOWERS:
+        cfg = getattr(mcfg, tower, None)
+        if cfg is not None and hasattr(cfg, "scan_layers"):
+            parts.append(f"{tower}={'scan' if cfg.scan_layers else 'unrolled'}")
+    return ",".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # devices
 
@@ -224,11 +278,36 @@ def tpu_target(topology: str) -> Target:
     return Target("tpu", topology, devices, CHIPS[generation], per_chip)
 
 
-def cpu_target() -> Target:
+def cpu_target(device_spec: dict | None = None) -> Target:
+    """The simulated CPU devices; with `device_spec` ({hbm_gib, peak_flops, hbm_gbps} per device) they get a nominal
+    HBM and peak, so a CPU plan has a fit verdict and a roofline bound (what the search tests rank on)."""
     import jax
 
     devices = jax.devices("cpu")
-    return Target("cpu", f"cpu x{len(devices)}", devices, None, 1)
+    chip = None if device_spec is None else dict(name="nominal " + devices[0].device_kind, **device_spec)
+    return Target("cpu", f"cpu x{len(devices)}", devices, chip, 1)
+
+
+def parse_device_spec(spec: str | None, base: dict | None = None) -> dict | None:
+    """{hbm_gib, peak_flops, hbm_gbps} from 'hbm_gib=32,peak_tflops=900,hbm_gbps=1600' (missing keys from `base`)."""
+    if not spec:
+        return None
+    out = {k: base[k] for k in ("hbm_gib", "peak_flops", "hbm_gbps")} if base else {}
+    for item in spec.split(","):
+        k, _, v = item.partition("=")
+        k = k.strip()
+        try:
+            value = float(v)
+        except ValueError:
+            value = None
+        if k not in ("hbm_gib", "peak_tflops", "hbm_gbps") or value is None or value <= 0:
+            raise ValueError(f"--device_spec: expected 'hbm_gib=N,peak_tflops=N,hbm_gbps=N' with positive numbers, "
+                             f"got {spec!r}")
+        out["peak_flops" if k == "peak_tflops" else k] = value * 1e12 if k == "peak_tflops" else value
+    missing = {"hbm_gib", "peak_flops", "hbm_gbps"} - set(out)
+    if missing:
+        raise ValueError(f"--device_spec {spec!r}: missing {', '.join(sorted(missing))}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,14 +326,18 @@ def _shard_bytes(abstract_tree) -> int:
     return total
 
 
-def _compile(config, target: Target):
-    """(setup, compiled executable, lowering seconds, compile seconds) of the train step of `config`."""
+def _setup(config, target: Target):
+    """The train step of `config` on the target's devices (jitted, not yet lowered)."""
     from blip3o_jax import sharding as shd
     from blip3o_jax.training import step as step_lib
 
-    mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
+    return step_lib.make_train_step(config, shd.make_mesh(dict(config.mesh), devices=target.devices))
+
+
+def _compile(config, target: Target, setup=None):
+    """(setup, compiled executable, lowering seconds, compile seconds) of the train step of `config`."""
     t0 = time.perf_counter()
-    setup = step_lib.make_train_step(config, mesh)
+    setup = setup if setup is not None else _setup(config, target)
     lowered = setup.step_fn.lower(setup.abstract_state, setup.abstract_frozen, setup.abstract_batch)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
@@ -325,7 +408,7 @@ def _cost_figures(config, target: Target, compiled, scanned: dict[str, int], cos
     return cost, t_cost, cost_source
 
 
-def plan(config, target: Target, *, name: str = "config", cost_from: str = "extrapolate") -> dict:
+def plan(config, target: Target, *, name: str = "config", cost_from: str = "extrapolate", setup=None) -> dict:
     """Compiles the train step of `config` on `target`; returns the plan's figures (bytes per device, seconds).
 
     Memory comes from the program as configured (what the trainer runs). XLA's cost analysis counts a while
@@ -338,7 +421,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
     from blip3o_jax.training import defaults
     from blip3o_jax.training import metrics as metrics_lib
 
-    setup, compiled, t_lower, t_compile = _compile(config, target)
+    setup, compiled, t_lower, t_compile = _compile(config, target, setup)
     mesh = setup.mesh
     mem = compiled.memory_analysis()
     scanned = _scanned_towers(setup.model_cfg)
@@ -355,8 +438,8 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
                                                text_loss=bool(defaults.option(config, "train.text_loss_weight")))
     model_flops_step = flops["total"] * B
     est = cost.get("optimal_seconds")
-    valid = target.platform == "tpu" and not (scanned and cost_from == "scanned")
-    est = float(est) if est and est > 0 and valid else None
+    valid = not (scanned and cost_from == "scanned")  # FLOPs and bytes count every layer
+    est = float(est) if est and est > 0 and valid and target.platform == "tpu" else None
     n_dev = len(target.devices)
     result = {
         "config": name,
@@ -367,6 +450,8 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "chip": target.chip["name"] if target.chip else jax.devices("cpu")[0].device_kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "remat": remat_summary(mcfg),
+        "attention": attention_summary(mcfg),
+        "scan_layers": scan_summary(mcfg),
         "query_path": getattr(mcfg, "query_path", "full"),
         "target": mcfg.target,
         "global_batch": B,
@@ -380,6 +465,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "memory_per_device": {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp,
                               "code": code, "peak": peak},
         "hbm_per_device": target.hbm_per_device,
+        "chip_spec": target.chip,  # the figures the fit and the roofline use (--device_spec may replace them)
         "fits": None if target.hbm_per_device is None else bool(peak <= target.hbm_per_device),
         "hlo_flops_per_device": cost["flops"],
         "hlo_bytes_accessed_per_device": cost["bytes accessed"],
@@ -396,7 +482,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "compile_s": t_compile,
         "cost_compile_s": t_cost,
     }
-    if valid:
+    if valid and target.chip is not None:
         add_roofline(result)
     return result
 
@@ -406,8 +492,8 @@ def add_roofline(r: dict) -> dict:
     per device, and the MFU bound it implies. Next to XLA's estimate (which adds its own per-op model and is not
     available for every generation, e.g. none from this libtpu for v6e), it is the one time figure every TPU plan has.
     """
-    chip = CHIP_BY_NAME.get(r.get("chip"))
-    if r.get("platform") != "tpu" or chip is None or not r.get("hlo_flops_per_device"):
+    chip = r.get("chip_spec") or (CHIP_BY_NAME.get(r.get("chip")) if r.get("platform") == "tpu" else None)
+    if chip is None or not r.get("hlo_flops_per_device"):
         return r
     per_chip = max(1, r["devices"] // r["chips"])
     compute_s = r["hlo_flops_per_device"] / (chip["peak_flops"] / per_chip)
@@ -487,6 +573,346 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# plan search
+
+MESH_AXES = ("data", "fsdp", "tensor")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One point of the search space: overrides of the base config ("config" keeps the config's own value)."""
+
+    mesh: tuple[int, int, int]  # (data, fsdp, tensor), resolved
+    remat: str = "config"  # a --remat spec: one policy for every tower or 'backbone=..,dit=..'
+    batch: int | None = None  # global batch; None = the config's
+    attention: str = "config"  # attention_impl of every tower that has one
+    scan: str = "config"  # "true" | "false" | "config": nn.scan over each tower's layers
+
+    def label(self) -> str:
+        parts = ["mesh " + ",".join(f"{a}={n}" for a, n in zip(MESH_AXES, self.mesh))]
+        parts += [f"{k} {v}" for k, v in (("remat", self.remat), ("batch", self.batch), ("attention", self.attention),
+                                          ("scan", self.scan)) if v not in ("config", None)]
+        return "; ".join(parts)
+
+
+def default_meshes(num_devices: int) -> list[tuple[int, int, int]]:
+    """FSDP over everything, then 2 and 4 data-parallel replicas, each with tensor parallelism 1 and 2."""
+    return [(d, num_devices // (d * t), t) for t in (1, 2) for d in (1, 2, 4) if num_devices % (d * t) == 0]
+
+
+def search_space(spec: str | None, config, num_devices: int) -> list[Candidate]:
+    """The candidates of a `--search_space` spec: the product of its dimensions (module docstring's syntax).
+
+    Defaults: `default_meshes`, remat config|none|full (one policy for every tower), the config's global batch,
+    attention and layer scan. `per_chip=N` sets the global batch to N x data x fsdp for each mesh (the tensor axis
+    holds replicas of the same rows). Duplicates are dropped, order kept.
+    """
+    from blip3o_jax import sharding as shd
+
+    dims: dict[str, list] = {"mesh": default_meshes(num_devices), "remat": ["config", "none", "full"],
+                             "batch": [None], "per_chip": None, "attention": ["config"], "scan": ["config"]}
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        name, _, values = part.strip().partition("=")
+        name = name.strip()
+        values = [v.strip() for v in values.split("|") if v.strip()]
+        if name not in dims or not values:
+            raise ValueError(f"--search_space: expected 'NAME=V1|V2' with NAME one of {', '.join(dims)}, got "
+                             f"{part.strip()!r}")
+        if name == "mesh":
+            dims["mesh"] = [shd.parse_mesh_shape(parse_mesh(v, None), num_devices) for v in values]
+        elif name == "remat":
+            from blip3o_jax.models import layers
+
+            for v in values:
+                for policy in parse_remat(v).values() if v != "config" else ():
+                    layers.remat_policy(policy)  # raises for an unknown policy name
+            dims["remat"] = values
+        elif name in ("batch", "per_chip"):
+            try:
+                numbers = [int(v) for v in values]
+            except ValueError:
+                raise ValueError(f"--search_space {name}: expected integers, got {values}") from None
+            if any(n <= 0 for n in numbers):
+                raise ValueError(f"--search_space {name}: sizes must be positive, got {numbers}")
+            dims[name] = numbers
+        elif name == "attention":
+            bad = [v for v in values if v != "config" and v not in ATTENTION_IMPLS]
+            if bad:
+                raise ValueError(f"--search_space attention: {bad[0]!r} is not one of config, "
+                                 f"{', '.join(ATTENTION_IMPLS)}")
+            dims["attention"] = values
+        elif name == "scan":
+            bad = [v for v in values if v not in ("config", "true", "false")]
+            if bad:
+                raise ValueError(f"--search_space scan: expected config, true or false, got {bad[0]!r}")
+            dims["scan"] = values
+    if dims["per_chip"] is not None and dims["batch"] != [None]:
+        raise ValueError("--search_space: give batch (global) or per_chip, not both")
+    out = []
+    for mesh in dims["mesh"]:
+        batches = dims["batch"] if dims["per_chip"] is None else [n * mesh[0] * mesh[1] for n in dims["per_chip"]]
+        for remat in dims["remat"]:
+            for batch in batches:
+                for attention in dims["attention"]:
+                    for scan in dims["scan"]:
+                        c = Candidate(tuple(int(n) for n in mesh), remat, batch, attention, scan)
+                        if c not in out:
+                            out.append(c)
+    return out
+
+
+def apply_candidate(config, cand: Candidate):
+    """The base config with a candidate's overrides (a copy)."""
+    config = apply_overrides(config, mesh=dict(zip(MESH_AXES, cand.mesh)),
+                             remat=None if cand.remat == "config" else parse_remat(cand.remat), batch=cand.batch,
+                             scan_layers=None if cand.scan == "config" else cand.scan == "true")
+    if cand.attention != "config":
+        for tower in REMAT_TOWERS:
+            if config.model.get(tower) is not None:
+                config.model[tower] = {**dict(config.model[tower]), "attention_impl": cand.attention}
+    return config
+
+
+def config_fingerprint(config) -> str:
+    """A short hash of a config: results of another config in the same results file are not reused."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def candidate_key(config, name: str, target: Target) -> dict:
+    """What identifies a plan, resolved from the config with the candidate applied (the fields a plan's JSON has)."""
+    from blip3o_jax.training import model_setup
+
+    mcfg = model_setup.model_config(config)
+    sizes = {a: int(dict(config.mesh).get(a, 1)) for a in MESH_AXES}
+    return {"config": name, "topology": target.label, "mesh": sizes, "remat": remat_summary(mcfg),
+            "global_batch": int(config.data.global_batch_size), "attention": attention_summary(mcfg),
+            "scan_layers": scan_summary(mcfg)}
+
+
+def _matches(key: dict, have: dict) -> bool:
+    """Whether a stored record's key is the candidate's. A plan saved before plans recorded their attention kernel
+    used XLA's (the only TPU one then); one without `scan_layers` matches any."""
+    for field, value in key.items():
+        if field == "attention" and field not in have:
+            if any(part.partition("=")[2] != "xla" for part in value.split(",")):
+                return False
+        elif field in have and have[field] != value:
+            return False
+    return True
+
+
+def _record_of_plan(r: dict) -> dict:
+    """A single plan's JSON output as a search record (so saved `blip3o-plan` outputs can seed a search)."""
+    key = {k: r[k] for k in ("config", "topology", "mesh", "remat", "global_batch", "attention", "scan_layers")
+           if k in r}
+    return {"key": key, "status": _plan_status(r), "reason": None, "plan": r}
+
+
+def _plan_status(r: dict) -> str:
+    return {True: "fits", False: "does not fit", None: "compiled"}[r.get("fits")]
+
+
+def load_results(path: str | None, fingerprint: str) -> tuple[list[dict], int]:
+    """(records of `path` usable for this config, number skipped because another config made them)."""
+    if not path or not os.path.exists(path):
+        return [], 0
+    records, foreign = [], 0
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"--results {path}: line {n} is not JSON ({e})") from None
+            if "key" not in record:  # a plan's own output line
+                if "mesh" not in record or "config" not in record:
+                    raise ValueError(f"--results {path}: line {n} is neither a search record nor a plan output")
+                record = _record_of_plan(record)
+            elif record.get("fingerprint") not in (None, fingerprint):
+                foreign += 1
+                continue
+            records.append(record)
+    return records, foreign
+
+
+def evaluate(config, target: Target, name: str, *, cost_from: str = "extrapolate") -> dict:
+    """One candidate's record: "invalid" (the mesh cannot take the batch...), "does not fit" (parameters, optimizer
+    state and batch alone exceed the HBM: not compiled; or XLA's own out-of-memory verdict), "fits" / "compiled"
+    (no HBM figure: CPU without --device_spec) with the plan, or "failed" with the compiler's message."""
+    from blip3o_jax.cli import _one_line
+
+    sizes = dict(config.mesh)
+    batch_shards = int(sizes.get("data", 1)) * int(sizes.get("fsdp", 1))
+    B = int(config.data.global_batch_size)
+    if B % batch_shards:
+        return {"status": "invalid", "reason": f"global batch {B} is not divisible by data x fsdp = {batch_shards}"}
+    t0 = time.perf_counter()
+    try:
+        setup = _setup(config, target)
+    except ValueError as e:
+        return {"status": "invalid", "reason": _one_line(e)}
+    # arguments of the step: what a device holds before any activation (a lower bound of its peak)
+    resident = _shard_bytes(setup.abstract_state) + _shard_bytes(setup.abstract_frozen) + \
+        _shard_bytes(setup.abstract_batch)
+    hbm = target.hbm_per_device
+    if hbm is not None and resident > hbm:
+        return {"status": "does not fit", "resident_bytes": resident,
+                "reason": f"parameters, optimizer state and batch alone take {resident / GiB:.2f} GiB per device, "
+                          f"over the {hbm / GiB:.2f} GiB HBM (not compiled)"}
+    try:
+        r = plan(config, target, name=name, cost_from=cost_from, setup=setup)
+    except Exception as e:  # noqa: BLE001 - the compiler's verdict is the result (out of memory, unsupported op)
+        msg = _one_line(e)
+        oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+        return {"status": "does not fit" if oom else "failed", "resident_bytes": resident, "reason": msg[:500]}
+    return {"status": _plan_status(r), "resident_bytes": resident, "reason": None, "plan": r,
+            "search_s": time.perf_counter() - t0}
+
+
+def ranking_metric(records: list[dict]) -> str:
+    """What the fitting plans are ranked by: XLA's MFU estimate where every one has it, else the roofline MFU bound,
+    else (CPU without a device spec) the peak memory."""
+    plans = [r["plan"] for r in records if r["status"] in ("fits", "compiled")]
+    if plans and all(p.get("implied_mfu") for p in plans):
+        return "xla_estimate"
+    if plans and all(p.get("roofline_mfu_bound") for p in plans):
+        return "roofline"
+    return "memory"
+
+
+def rank(records: list[dict]) -> tuple[list[dict], list[dict], str]:
+    """(fitting plans best first, the others, the metric): highest MFU first (samples/s per chip at the peak the
+    MFU is relative to, so plans of different global batch compare), ties by lower peak memory."""
+    metric = ranking_metric(records)
+    ok = [r for r in records if r["status"] in ("fits", "compiled")]
+    rest = [r for r in records if r["status"] not in ("fits", "compiled")]
+    for r in ok:
+        add_roofline(r["plan"])
+
+    def score(r):
+        p = r["plan"]
+        mfu = {"xla_estimate": p.get("implied_mfu"), "roofline": p.get("roofline_mfu_bound")}.get(metric) or 0.0
+        return (-mfu, p["memory_per_device"]["peak"])
+
+    return sorted(ok, key=score), rest, metric
+
+
+def _summary(r: dict, rank_: int | None) -> dict:
+    """One row of the search's JSON ranking."""
+    p = r.get("plan") or {}
+    key = r["key"]
+    return {"rank": rank_, "status": r["status"], "reason": r.get("reason"), "mesh": key["mesh"],
+            "remat": key.get("remat"), "global_batch": key.get("global_batch"), "attention": key.get("attention"),
+            "scan_layers": key.get("scan_layers"),
+            "per_device_batch": key.get("global_batch", 0) // max(1, key["mesh"].get("data", 1) *
+                                                                   key["mesh"].get("fsdp", 1)),
+            "peak_bytes": (p.get("memory_per_device") or {}).get("peak"), "hbm_per_device": p.get("hbm_per_device"),
+            "resident_bytes": r.get("resident_bytes"),
+            "estimated_step_s": p.get("estimated_step_s"), "implied_mfu": p.get("implied_mfu"),
+            "roofline_step_s": p.get("roofline_step_s"), "roofline_mfu_bound": p.get("roofline_mfu_bound"),
+            "roofline_bound_by": p.get("roofline_bound_by")}
+
+
+def search_table(ranked: list[dict], rest: list[dict], metric: str) -> str:
+    """The ranked plans as a Markdown table (fitting plans by `metric`, then the others with the reason)."""
+    by = {"xla_estimate": "XLA estimated MFU", "roofline": "roofline MFU bound", "memory": "peak memory"}[metric]
+    rows = [f"ranked by {by}",
+            "| rank | mesh (data,fsdp,tensor) | remat | batch (per device) | attention | peak / HBM per device "
+            "| XLA est. step (MFU) | roofline step >= (MFU <=) | status |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(ranked + rest):
+        s = _summary(r, i + 1 if i < len(ranked) else None)
+        attention = ",".join(sorted({part.partition("=")[2] for part in (s["attention"] or "xla").split(",")}))
+        mem = "-"
+        if s["peak_bytes"] is not None:
+            mem = f"{s['peak_bytes'] / GiB:.2f}" + (f" / {s['hbm_per_device'] / GiB:.0f} GiB" if s["hbm_per_device"]
+                                                     else " GiB")
+        elif s["resident_bytes"] is not None:
+            mem = f">= {s['resident_bytes'] / GiB:.2f} GiB"
+        est = "-" if s["estimated_step_s"] is None else f"{s['estimated_step_s']:.3g} s ({100 * s['implied_mfu']:.1f}%)"
+        roof = "-" if s["roofline_step_s"] is None else \
+            f"{s['roofline_step_s']:.3g} s, {s['roofline_bound_by']} ({100 * s['roofline_mfu_bound']:.1f}%)"
+        status = s["status"] + (f": {s['reason']}" if s["reason"] else "")
+        rows.append(f"| {s['rank'] or '-'} | {','.join(str(v) for v in s['mesh'].values())} | {s['remat']} "
+                    f"| {s['global_batch']} ({s['per_device_batch']}) | {attention} | {mem} | {est} | {roof} "
+                    f"| {status} |")
+    return "\n".join(rows)
+
+
+def search(config, target: Target, candidates: list[Candidate], *, name: str = "config",
+           results_path: str | None = None, cost_from: str = "extrapolate", compile_missing: bool = True,
+           log=print) -> dict:
+    """Compiles every candidate not already in `results_path` (each appended to it as soon as it is done) and ranks
+    them all. Returns the search's JSON: the ranking (fitting plans best first, then the others with the reason)
+    and `best`, the whole plan of the first (None when nothing fits). With `compile_missing=False` nothing is
+    compiled: the candidates the file lacks are listed as "pending" (the standings of a search still running)."""
+    fingerprint = config_fingerprint(config)
+    stored, foreign = load_results(results_path, fingerprint)
+    if foreign:
+        log(f"{results_path}: {foreign} record(s) of another config ignored")
+    records, compiled, resumed = [], 0, 0
+    for i, cand in enumerate(candidates, 1):
+        applied = apply_candidate(config, cand)
+        try:
+            key = candidate_key(applied, name, target)
+        except ValueError as e:  # a remat policy or attention kernel the model configs reject
+            from blip3o_jax.cli import _one_line
+            key = {"config": name, "topology": target.label, "mesh": dict(zip(MESH_AXES, cand.mesh)),
+                   "remat": cand.remat, "global_batch": cand.batch, "attention": cand.attention,
+                   "scan_layers": cand.scan}
+            records.append({"key": key, "status": "invalid", "reason": _one_line(e)})
+            log(f"[{i}/{len(candidates)}] {cand.label()}: invalid ({records[-1]['reason']})")
+            continue
+        if any(r["key"] == key for r in records):  # another spelling of a plan already in the list
+            log(f"[{i}/{len(candidates)}] {cand.label()}: the same plan as an earlier candidate")
+            continue
+        previous = next((r for r in stored if _matches(key, r["key"])), None)
+        if previous is not None:
+            records.append({**previous, "key": key})
+            resumed += 1
+            log(f"[{i}/{len(candidates)}] {cand.label()}: {previous['status']} (from {results_path})")
+            continue
+        if not compile_missing:
+            records.append({"key": key, "status": "pending", "reason": f"not in {results_path} yet"})
+            log(f"[{i}/{len(candidates)}] {cand.label()}: pending")
+            continue
+        log(f"[{i}/{len(candidates)}] {cand.label()}: compiling ...")
+        record = {"key": key, "fingerprint": fingerprint, "candidate": dataclasses.asdict(cand),
+                  **evaluate(applied, target, name, cost_from=cost_from)}
+        if "plan" in record:
+            compiled += 1
+        records.append(record)
+        if results_path:
+            with open(results_path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        p = record.get("plan")
+        extra = ""
+        if p is not None:
+            extra = f", peak {p['memory_per_device']['peak'] / GiB:.2f} GiB"
+            if p.get("implied_mfu"):
+                extra += f", XLA est. {p['estimated_step_s']:.3g} s (MFU {100 * p['implied_mfu']:.1f}%)"
+            if p.get("roofline_mfu_bound"):
+                extra += f", roofline MFU <= {100 * p['roofline_mfu_bound']:.1f}%"
+        log(f"[{i}/{len(candidates)}] {cand.label()}: {record['status']}{extra}"
+            + (f" ({record['reason']})" if record.get("reason") else ""))
+    ranked, rest, metric = rank(records)
+    log(search_table(ranked, rest, metric))
+    return {"search": True, "config": name, "topology": target.label, "metric": metric,
+            "candidates": len(candidates), "compiled": compiled, "resumed": resumed,
+            "ranking": [_summary(r, i + 1) for i, r in enumerate(ranked)] + [_summary(r, None) for r in rest],
+            "best": ranked[0]["plan"] if ranked else None}
+
+
 def _main(argv):
     from blip3o_jax import benchmarking
     from blip3o_jax.cli import UserError
@@ -499,15 +925,27 @@ def _main(argv):
         for path in argv[1:]:
             try:
                 with open(path) as f:
-                    results.append(json.loads(f.read().strip().splitlines()[-1]))
-            except (OSError, ValueError, IndexError) as e:
+                    r = json.loads(f.read().strip().splitlines()[-1])
+                if r.get("search"):  # a search's output: its best plan (none when nothing fit)
+                    r = r["best"]
+                    if r is None:
+                        continue
+                missing = {"config", "topology", "chips", "mesh", "memory_per_device"} - set(r)
+                if missing:
+                    raise ValueError(f"no {', '.join(sorted(missing))} in its JSON line")
+            except (OSError, ValueError, IndexError, TypeError, AttributeError) as e:
                 raise UserError(f"--markdown {path}: not an output of this tool ({e})") from None
+            results.append(r)
         print(markdown_table(results))
         return
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}")
     if F.config is None:
         raise UserError("--config is required")
+    try:
+        device_spec = parse_device_spec(F.device_spec, CHIPS.get((F.topology or "").partition(":")[0]))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if F.platform == "tpu":
         if not F.topology:
             raise UserError("--topology is required with --platform tpu (e.g. v5p:4x4x4)")
@@ -519,14 +957,27 @@ def _main(argv):
             target = tpu_target(F.topology)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if device_spec is not None:
+            target.chip = dict(target.chip, **device_spec)
     else:
-        target = cpu_target()
+        target = cpu_target(device_spec)
     try:
         config = apply_overrides(F.config, mesh=parse_mesh(F.mesh, F.config.mesh), remat=parse_remat(F.remat),
                                  batch=F.batch)
     except ValueError as e:
         raise UserError(str(e)) from None
     name = F.name or os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    if F.search:
+        try:
+            candidates = search_space(F.search_space, config, len(target.devices))
+            result = search(config, target, candidates, name=name, results_path=F.results, cost_from=F.cost,
+                            compile_missing=F.compile_missing)
+        except ValueError as e:  # a malformed --search_space or --results file
+            raise UserError(str(e)) from None
+        benchmarking.emit(result)
+        return
+    if F.search_space or F.results:
+        raise UserError("--search_space and --results need --search")
     try:
         result = plan(config, target, name=name, cost_from=F.cost)
     except ValueError as e:  # mesh does not divide the devices, batch does not divide the mesh, ...

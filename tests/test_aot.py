@@ -121,3 +121,86 @@ def test_roofline_and_markdown_of_a_tpu_plan(tmp_path):
     bad = subprocess.run([sys.executable, TOOL, "--markdown", str(tmp_path / "missing.log")], capture_output=True,
                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert bad.returncode == 2 and "not an output of this tool" in bad.stderr
+
+
+# the search test's space: 2 meshes x 3 remat policies x 2 global batches = 12 candidates, of which 2 compile. For
+# the tiny config remat "none" is its own setting (4 duplicates of "config", dropped); batch 12 does not divide data x fsdp = 8
+# (invalid); the replicated mesh (data=8) holds the whole AdamW state on every device, which the nominal HBM below
+# is set not to take (pruned before compiling)
+SEARCH_SPACE = "mesh=fsdp=-1|data=8; remat=config|full|none; batch=8|12"
+
+
+def test_plan_search_ranks_prunes_and_resumes(tmp_path):
+    """`blip3o-plan --search` on 8 simulated CPU devices with a nominal device (HBM, peak, bandwidth) so that CPU
+    plans have a fit verdict and a roofline MFU: the ranking is sorted, infeasible candidates are reported with
+    their reason, the best plan is returned, and a second search resumes from the results file (through the CLI)."""
+    from blip3o_jax import cli
+    from blip3o_jax import plan as plan_lib
+
+    config = cli.load_config(SMALL[1], {"model.dit.n_layers": 1, "model.backbone.num_hidden_layers": 1})
+    config = plan_lib.apply_overrides(config, mesh=plan_lib.parse_mesh(None, config.mesh))  # as the CLI does
+    candidates = plan_lib.search_space(SEARCH_SPACE, config, 8)
+    assert len(candidates) == 12
+    # the nominal HBM: 1 byte under what the replicated mesh's state, frozen params and batch alone take
+    replicated = plan_lib.apply_candidate(config, plan_lib.Candidate((8, 1, 1), batch=8))
+    setup = plan_lib._setup(replicated, plan_lib.cpu_target())
+    resident = sum(plan_lib._shard_bytes(t) for t in (setup.abstract_state, setup.abstract_frozen,
+                                                      setup.abstract_batch))
+    spec = {"hbm_gib": (resident - 1) / 1024**3, "peak_flops": 1e12, "hbm_gbps": 10.0}
+    results = tmp_path / "search.jsonl"
+    out = plan_lib.search(config, plan_lib.cpu_target(spec), candidates, name="tiny", results_path=str(results),
+                          log=lambda *_: None)
+
+    assert out["compiled"] == 2 and out["resumed"] == 0 and out["metric"] == "roofline"
+    ranked = [r for r in out["ranking"] if r["rank"] is not None]
+    others = [r for r in out["ranking"] if r["rank"] is None]
+    assert [r["rank"] for r in ranked] == [1, 2]
+    assert {r["remat"] for r in ranked} == {"backbone=none,dit=none", "backbone=full,dit=full"}
+    mfus = [r["roofline_mfu_bound"] for r in ranked]
+    assert mfus == sorted(mfus, reverse=True) and all(0 < m < 1 for m in mfus)
+    assert all(r["status"] == "fits" and r["peak_bytes"] <= spec["hbm_gib"] * 1024**3 for r in ranked)
+    best = out["best"]
+    assert best["roofline_mfu_bound"] == max(mfus) and best["fits"] is True and best["mesh"]["fsdp"] == 8
+    # infeasible candidates: reported with their reason, never ranked, never compiled
+    pruned = [r for r in others if r["status"] == "does not fit"]
+    invalid = [r for r in others if r["status"] == "invalid"]
+    assert len(pruned) == 2 and all(r["mesh"]["data"] == 8 and "not compiled" in r["reason"] and
+                                    r["resident_bytes"] == resident and r["peak_bytes"] is None for r in pruned)
+    assert len(invalid) == 4 and all(r["global_batch"] == 12 and "not divisible" in r["reason"] for r in invalid)
+    assert len(out["ranking"]) == 8  # 12 candidates less the 4 spelled "none" that equal "config"
+
+    # the standings without compiling: a candidate the file lacks is pending, the rest as ranked above
+    more = plan_lib.search_space(SEARCH_SPACE.replace("remat=config|full|none", "remat=config|full|dots"), config, 8)
+    standings = plan_lib.search(config, plan_lib.cpu_target(spec), more, name="tiny", results_path=str(results),
+                                compile_missing=False, log=lambda *_: None)
+    pending = [r for r in standings["ranking"] if r["status"] == "pending"]
+    assert standings["compiled"] == 0 and standings["best"] == best
+    assert len(pending) == 4 and all(r["remat"] == "backbone=dots,dit=dots" and r["rank"] is None for r in pending)
+    assert [r for r in standings["ranking"] if r["status"] != "pending"] == out["ranking"]
+
+    # resume through the CLI: every candidate is in the results file, nothing compiles, same ranking and best plan
+    hbm_spec = f"hbm_gib={spec['hbm_gib']!r},peak_tflops=1,hbm_gbps=10"
+    table, again = _run(sys.executable, [*SMALL, "--platform", "cpu", "--num_devices", "8", "--name", "tiny",
+                                         "--search", "--search_space", SEARCH_SPACE, "--results", str(results),
+                                         "--device_spec", hbm_spec])
+    assert again["compiled"] == 0 and again["resumed"] == 8
+    assert [(r["rank"], r["status"], r["mesh"], r["remat"], r["global_batch"]) for r in again["ranking"]] == \
+        [(r["rank"], r["status"], r["mesh"], r["remat"], r["global_batch"]) for r in out["ranking"]]
+    assert again["best"]["memory_per_device"] == best["memory_per_device"]
+    assert "| 1 | 1,8,1 |" in table and "does not fit: parameters, optimizer state and batch alone" in table
+    assert len(results.read_text().splitlines()) == 8
+
+
+@pytest.mark.tpu
+def test_tpu_plan_with_pallas_attention():
+    """attention_impl="pallas" for every tower that has one (the Qwen backbone and the DiT): the train step with
+    jax's Pallas TPU flash-attention kernels (Mosaic custom calls, per shard under the mesh) lowers and compiles
+    for a v5e 2x2 topology."""
+    python = _tpu_python()
+    assert python is not None, ("libtpu is not installed here (pip install -e .[tpu]) and BLIP3O_TPU_PYTHON is not "
+                                "set; this test runs only with -m tpu")
+    table, r = _run(python, [*SMALL, "--topology", "v5e:2x2", "--search", "--search_space",
+                             "mesh=data=-1; remat=config; attention=pallas"], timeout=600)
+    assert r["compiled"] == 1 and r["ranking"][0]["status"] == "fits"
+    assert r["best"]["attention"] == "backbone=pallas,dit=pallas" and r["best"]["implied_mfu"] > 0
+    assert "| 1 | 4,1,1 |" in table and "pallas" in table

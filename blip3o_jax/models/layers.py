@@ -120,9 +120,12 @@ def attention(
 ):
     """Scaled dot-product attention via `jax.nn.dot_product_attention` (GQA handled there).
 
-    `implementation`: None/"xla" (portable) or "cudnn" (GPU flash attention). Softmax is computed in fp32
-    for the xla path by upcasting low-precision inputs' logits inside XLA.
+    `implementation`: None/"xla" (portable), "cudnn" (GPU flash attention) or "pallas" (TPU flash attention,
+    `pallas_attention`). Softmax is computed in fp32 for the xla path by upcasting low-precision inputs' logits
+    inside XLA.
     """
+    if implementation == "pallas":
+        return pallas_attention(query, key, value, mask=mask, is_causal=is_causal, scale=scale)
     impl = None if implementation in (None, "xla", "auto") else implementation
     if impl is None:
         # portable path: softmax and accumulation in fp32 for parity with torch's SDPA math kernel
@@ -133,6 +136,146 @@ def attention(
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
     )
+
+
+# Set to 1 to run the Pallas kernels in TPU interpret mode (on CPU: slow, for tests); the kernels otherwise lower
+# only for TPU.
+PALLAS_INTERPRET_ENV = "BLIP3O_PALLAS_INTERPRET"
+PALLAS_BLOCK = 128  # the kernel's default tile (q and kv rows): the TPU's lane width
+
+
+def _pallas_padded(length: int, block: int, *, whole: bool) -> tuple[int, int]:
+    """(padded length, tile) along a sequence. Keys: tiles of `block` (the kernel needs key tiles of a multiple of
+    128 lanes), the length padded to a multiple. Queries (`whole`): one tile of the whole length up to `block` (a
+    tile equal to the array's dimension is always a legal TPU block), else the same as keys."""
+    if whole and length <= block:
+        return length, length
+    return -(-length // block) * block, block
+
+
+def _mask_kind(mask, shape_bhqk):
+    """("none" | "key_padding" | "dense", mask broadcast to 4-D or None) from a boolean mask broadcastable to
+    (B, H, Lq, Lk)."""
+    if mask is None:
+        return "none", None
+    mask = jnp.asarray(mask)
+    if mask.ndim > 4:
+        raise ValueError(f"attention mask must broadcast to (B, H, Lq, Lk) = {shape_bhqk}, got shape {mask.shape}")
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    try:
+        jnp.broadcast_shapes(mask.shape, shape_bhqk)
+    except ValueError:
+        raise ValueError(f"attention mask of shape {mask.shape} does not broadcast to (B, H, Lq, Lk) = "
+                         f"{shape_bhqk}") from None
+    if mask.shape[1] == 1 and mask.shape[2] == 1:
+        return "key_padding", mask
+    return "dense", mask
+
+
+def pallas_attention(query, key, value, *, mask=None, is_causal: bool = False, scale: float | None = None,
+                     block: int = PALLAS_BLOCK, interpret: bool | None = None):
+    """`attention` with jax's Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`:
+    blockwise online softmax, fp32 logits, running max/sum and accumulator; custom VJP with its own backward
+    kernels). Same arguments and result as `attention` (query (B, Lq, H, D), key/value (B, Lk, Hkv, D)).
+
+    Masks, by kind:
+    - none, and `is_causal` (top-left aligned like `jax.nn.dot_product_attention`; needs Lq == Lk): in the kernel,
+      causal tiles above the diagonal skipped;
+    - a key-padding mask (broadcastable to (B, 1, 1, Lk)): segment ids (queries 1, keys 1 valid / 0 padding), O(L);
+    - any other boolean mask (e.g. a causal & padding (B, 1, Lq, Lk) mask, a KV cache's slot mask): an additive
+      bias of (B, H, Lq, Lk) fp32 that the kernel reads tile by tile; exact, but it streams Lq x Lk per head from
+      HBM (and its backward writes a gradient of that size) like XLA's path: give a key-padding mask with
+      `is_causal` where the structure allows.
+    Key lengths are padded to a multiple of `block` (a multiple of 128; padded keys masked out through segment
+    ids), query lengths over `block` too (padded queries dropped); grouped
+    KV heads are repeated to the query heads. Under a mesh (`jax.set_mesh`) the kernel runs per shard
+    (`jax.shard_map`) with batch and heads split as the logical axes `activation_batch` / `activation_heads` map
+    them; an opaque kernel would otherwise be replicated by the partitioner. `interpret` (default: the
+    BLIP3O_PALLAS_INTERPRET environment variable) switches the process to Pallas' TPU interpret mode (on CPU, for
+    tests; it stays on for every later Pallas kernel of the process).
+    """
+    import os
+
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    B, Lq, H, D = query.shape
+    Lk, Hkv = key.shape[1], key.shape[2]
+    if value.shape[-1] != D or key.shape[-1] != D:
+        raise ValueError(f"pallas attention needs one head size for queries, keys and values, got {D}, "
+                         f"{key.shape[-1]}, {value.shape[-1]}; use implementation='xla'")
+    if H % Hkv:
+        raise ValueError(f"query heads {H} are not a multiple of key/value heads {Hkv}")
+    if is_causal and Lq != Lk:
+        raise ValueError(f"pallas attention: is_causal with {Lq} queries and {Lk} keys is ambiguous (the kernel "
+                         f"aligns the diagonal top-left); pass the mask instead")
+    kind, mask4 = _mask_kind(mask, (B, H, Lq, Lk))
+    if interpret is None:
+        interpret = os.environ.get(PALLAS_INTERPRET_ENV, "0") not in ("", "0", "false", "False")
+    scale = D ** -0.5 if scale is None else float(scale)
+    if block % 128:
+        raise ValueError(f"pallas attention: block {block} must be a multiple of 128 (the kernel's key tiles)")
+    Lq_pad, block_q = _pallas_padded(Lq, block, whole=True)
+    Lk_pad, block_k = _pallas_padded(Lk, block, whole=False)
+
+    q_segments = kv_segments = bias = None
+    if kind == "key_padding" or (kind == "none" and Lk_pad != Lk):
+        valid = jnp.ones((B, Lk), jnp.bool_) if kind == "none" else jnp.broadcast_to(mask4[:, 0, 0, :], (B, Lk))
+        kv_segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, Lk_pad - Lk)))  # padding: segment 0
+        q_segments = jnp.ones((B, Lq_pad), jnp.int32)
+    elif kind == "dense":
+        bias = jnp.where(jnp.broadcast_to(mask4, (B, H, Lq, Lk)), 0.0, fa.DEFAULT_MASK_VALUE).astype(jnp.float32)
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, Lq_pad - Lq), (0, Lk_pad - Lk)),
+                       constant_values=fa.DEFAULT_MASK_VALUE)
+
+    def heads_first(x, length, padded):  # (B, L, h, D) -> (B, H, L_pad, D), kv heads repeated to the query heads
+        x = jnp.repeat(x, H // x.shape[2], axis=2) if x.shape[2] != H else x
+        return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+
+    q, k, v = heads_first(query, Lq, Lq_pad), heads_first(key, Lk, Lk_pad), heads_first(value, Lk, Lk_pad)
+    blocks = fa.BlockSizes(block_q=block_q, block_k_major=block_k, block_k=block_k, block_b=1,
+                           block_q_major_dkv=block_q, block_k_major_dkv=block_k, block_k_dkv=block_k,
+                           block_q_dkv=block_q, block_k_major_dq=block_k, block_k_dq=block_k, block_q_dq=block_q)
+
+    def kernel(q, k, v, bias, q_segments, kv_segments):
+        segments = None if q_segments is None else fa.SegmentIds(q=q_segments, kv=kv_segments)
+        return fa.flash_attention(q, k, v, bias, segments, causal=is_causal, sm_scale=scale, block_sizes=blocks)
+
+    batch_axes, head_axes = _pallas_mesh_axes(B, H)
+    if batch_axes or head_axes:
+        from jax.sharding import PartitionSpec as P
+
+        bh, b_ = P(batch_axes, head_axes, None, None), P(batch_axes, None)
+        kernel = jax.shard_map(kernel, in_specs=(bh, bh, bh, None if bias is None else bh,
+                                                 None if q_segments is None else b_,
+                                                 None if kv_segments is None else b_),
+                               out_specs=bh, check_vma=False)
+    if interpret:
+        # process-wide: the backward kernels are traced when the gradient is taken, after this call returns
+        pltpu.set_tpu_interpret_mode()
+    out = kernel(q, k, v, bias, q_segments, kv_segments)
+    return out[:, :, :Lq].transpose(0, 2, 1, 3).astype(query.dtype)
+
+
+def _pallas_mesh_axes(batch: int, heads: int):
+    """(mesh axes of the batch dim, of the heads dim) for the kernel's shard_map under the current mesh and logical
+    axis rules (flax `nn.logical_axis_rules`); axes that do not divide the dim are left out (replicated)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None, None
+    spec = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
+
+    def fit(axes, dim):
+        if axes is None:
+            return None
+        keep, size = [], 1
+        for a in (axes,) if isinstance(axes, str) else tuple(axes):
+            if a in mesh.shape and dim % (size * mesh.shape[a]) == 0:
+                keep.append(a)
+                size *= mesh.shape[a]
+        return None if not keep else (keep[0] if len(keep) == 1 else tuple(keep))
+
+    return fit(spec[0], batch), fit(spec[1], heads)
 
 
 def remat_policy(name: str | None):
