@@ -14,8 +14,10 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
+# two workers (files kept together, so module fixtures are built once): most tests are bound by XLA's
+# single-threaded compiles, which two workers overlap
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m blip3o_jax.demo

@@ -31,6 +31,8 @@ EXTRAS = {
     # the EVA-CLIP reference is built from torch layers in the tests instead (see tests/test_eva_clip.py).
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # make test: two workers, one per core (see Makefile)
+        "execnet==2.1.2",
         "torch==2.13.0",
         "diffusers==0.42.1",
         "webdataset==1.0.2",

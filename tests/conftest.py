@@ -1,17 +1,40 @@
-"""Test set-up: 8 simulated CPU devices, CPU only, no Hub access. Must run before jax is imported."""
+"""Test set-up: 8 simulated CPU devices, CPU only, no Hub access. Must run before jax is imported.
+
+`BLIP3O_TEST_PLATFORM=gpu` (opt-in, what tools/gpu_check.sh sets) runs the tests on the GPU instead: JAX_PLATFORMS
+is kept (default `cuda`, so that a machine without a GPU fails instead of quietly testing the CPU) and no simulated
+devices are made, so the tests that need 8 devices (the `sharded` ones) must be deselected by the caller."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ["JAX_PLATFORMS"] = "cpu"
+TEST_PLATFORM = os.environ.get("BLIP3O_TEST_PLATFORM", "cpu")
+if TEST_PLATFORM == "gpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cuda")
+elif TEST_PLATFORM == "cpu":
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+else:
+    raise ValueError(f"BLIP3O_TEST_PLATFORM={TEST_PLATFORM!r}: expected cpu (the default) or gpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA's persistent compilation cache, fresh for each test session: many tests compile the same programs (the train
+# CLI run in-process again and again, the same tiny models in several files), and the cache turns those repeats
+# into loads (about a quarter of the CPU time of the training tests). Set in the environment, so that CLI
+# subprocesses share it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="blip3o_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 
-# Parity tests compare against fp32 PyTorch; XLA's default CPU matmul precision is already fp32,
-# but make it explicit so a changed default cannot loosen the tests.
+# Parity tests compare against fp32 PyTorch; XLA's default CPU matmul precision is already fp32, but make it
+# explicit so a changed default cannot loosen the tests (on a GPU it matters: the default there is TF32).
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
