@@ -73,12 +73,15 @@ def memory_bandwidth(nbytes: int = 512 << 20, iters: int = 5) -> float:
     return x.nbytes / t["median_s"]
 
 
-def torch_matmul_peak(n: int = 2048, iters: int = 5) -> float:
+def torch_matmul_peak(n: int = 2048, iters: int = 5, dtype=None, device=None) -> float:
+    """Achieved FLOP/s of an n^3 matmul in PyTorch (`dtype`, `device`: torch's defaults, fp32 on the CPU, unless
+    given; on CUDA each run is synchronised before the clock is read)."""
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    t = time_it(lambda: a @ b, warmup=2, iters=iters, sync=lambda x: x)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    on_cuda = a.device.type == "cuda"
+    t = time_it(lambda: a @ b, warmup=2, iters=iters, sync=lambda x: torch.cuda.synchronize() if on_cuda else x)
     return 2 * n**3 / t["median_s"]
 
 
@@ -92,3 +95,22 @@ def emit(result: dict) -> None:
         return v
 
     print(json.dumps(jax.tree.map(clean, result), sort_keys=False), flush=True)
+
+
+def add_accelerator_flags(parser, gpu_preset: dict, dtype_help: str) -> None:
+    """The --dtype / --attention / --preset flags of the argparse benches (tools/gpu_check.sh sets them)."""
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=dtype_help)
+    parser.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
+                        help="ours' attention kernel (attention_impl): xla, or cudnn (GPU flash attention, bf16 only)")
+    parser.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                        help="size preset: cpu (the defaults above) or gpu (" +
+                             ", ".join(f"{k} {v}" for k, v in gpu_preset.items()) + "); flags given explicitly win")
+
+
+def parse_with_preset(parser, argv, gpu_preset: dict):
+    """`parser.parse_args(argv)`, parsed again over `gpu_preset`'s defaults with `--preset gpu` (explicit flags win)."""
+    a = parser.parse_args(argv)
+    if a.preset == "gpu":
+        parser.set_defaults(**gpu_preset)
+        a = parser.parse_args(argv)
+    return a

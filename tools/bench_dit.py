@@ -12,6 +12,12 @@ achieved FLOP/s and the fraction of the matmul peak measured in this run. Last l
 
   python tools/bench_dit.py                       # ~46M params: dim 512, 8 layers, 8 heads, 64 tokens, batch 16
   python tools/bench_dit.py --layers 2 --iters 3  # quick look
+  python tools/bench_dit.py --preset gpu --dtype bfloat16 --attention cudnn   # on a GPU (tools/gpu_check.sh)
+
+On a GPU the PyTorch side runs on CUDA (`torch.cuda.is_available()`). `--dtype bfloat16` is mixed precision on both
+sides: fp32 parameters and AdamW state, bf16 compute (ours: the config's `dtype`; torch: `torch.autocast(bfloat16)`,
+SDPA attention in diffusers' `LuminaAttnProcessor2_0`); `--attention cudnn` gives ours cuDNN flash attention; the
+matmul peaks are then measured in bf16 (8192^3 on a GPU).
 """
 from __future__ import annotations
 
@@ -31,6 +37,12 @@ import optax  # noqa: E402
 from blip3o_jax import benchmarking  # noqa: E402
 from blip3o_jax.diffusion import flow_matching as fm  # noqa: E402
 from blip3o_jax.models import dit as dit_lib  # noqa: E402
+
+
+# `--preset gpu`: the 8B release's DiT width, heads and 8x8x1792 grid at 8 of its 24 layers, 3584-wide conditioning,
+# batch 64: a step of ~10 TFLOP, enough that an H100/H200 is not idle; scanned as on the accelerator configs
+GPU_PRESET = dict(dim=1792, layers=8, heads=28, in_channels=1792, cond_dim=3584, batch=64, sample_batch=16, iters=10,
+                  scan=True)
 
 
 def parse_args(argv=None):
@@ -53,18 +65,20 @@ def parse_args(argv=None):
     p.add_argument("--sample_batch", "--sample-batch", type=int, default=1,
                    help="images per sampling call (the original: 1)")
     p.add_argument("--remat", action="store_true", help="rematerialise blocks in ours")
-    p.add_argument("--scan", action="store_true",
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
                         "configs (a scanned step runs ~20%% slower on XLA:CPU)")
     p.add_argument("--skip_torch", "--skip-torch", action="store_true", help="time ours only (no diffusers reference)")
-    return p.parse_args(argv)
+    benchmarking.add_accelerator_flags(
+        p, GPU_PRESET, "compute dtype of both sides (parameters and optimizer state stay fp32; torch: autocast)")
+    return benchmarking.parse_with_preset(p, argv, GPU_PRESET)
 
 
 def make_config(a) -> dit_lib.DiTConfig:
     return dit_lib.DiTConfig(
         input_size=a.input_size, patch_size=a.patch_size, in_channels=a.in_channels, dim=a.dim, n_layers=a.layers,
         n_heads=a.heads, n_kv_heads=a.kv_heads or a.heads, latent_embedding_size=a.cond_dim, remat=a.remat,
-        scan_layers=a.scan,
+        scan_layers=a.scan, dtype=a.dtype, attention_impl=a.attention,
     )
 
 
@@ -128,15 +142,25 @@ def bench_torch(cfg, a, x0, cond):
             self.freqs_cis = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
 
         def forward(self, x, t, z):
-            mask = torch.ones(z.shape[:2])
+            mask = torch.ones(z.shape[:2], device=z.device)
             return self.model(x, t, self.caption_projection(z), mask, self.freqs_cis, cross_attention_kwargs={}).sample
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # mixed precision as ours: fp32 parameters and AdamW state, bf16 compute
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+
+    def sync(x):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
+
     torch.manual_seed(0)
-    model = NextDiTCrossAttn()
+    model = NextDiTCrossAttn().to(device)
+    model.freqs_cis = model.freqs_cis.to(device)  # a plain attribute, not a buffer: .to() leaves it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    latents = torch.from_numpy(np.asarray(x0)).permute(0, 3, 1, 2).contiguous()
-    z = torch.from_numpy(np.asarray(cond))
+    latents = torch.from_numpy(np.asarray(x0)).permute(0, 3, 1, 2).contiguous().to(device)
+    z = torch.from_numpy(np.asarray(cond)).to(device)
 
     def train_step():
         # the original's loss (blip3o_qwen.py): u -> index -> timesteps, sigma lookup, mask_drop(0.1)
@@ -144,11 +168,12 @@ def bench_torch(cfg, a, x0, cond):
         noise = torch.randn_like(latents)
         u = torch.rand(size=(bsz,))
         indices = (u * sched.config.num_train_timesteps).long()
-        timesteps = sched.timesteps[indices]
+        timesteps = sched.timesteps[indices].to(device)
         sigmas = (timesteps / 1000.0).view(-1, 1, 1, 1)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
-        keep = 1 - torch.bernoulli(torch.zeros(bsz) + 0.1)
-        pred = model(noisy, timesteps, z * keep.view(-1, 1, 1))
+        keep = 1 - torch.bernoulli(torch.zeros(bsz, device=device) + 0.1)
+        with autocast():
+            pred = model(noisy, timesteps, z * keep.view(-1, 1, 1))
         loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,16 +189,18 @@ def bench_torch(cfg, a, x0, cond):
     def sample_images():
         s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         cond_in = torch.cat([torch.zeros_like(zs), zs], 0)
-        x = torch.randn(a.sample_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = torch.randn(a.sample_batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
         s.set_timesteps(a.sample_steps, sigmas=np.linspace(1.0, 1 / a.sample_steps, a.sample_steps))
         for t in s.timesteps:
             x_in = x.repeat(2, 1, 1, 1)
-            v = model(x_in, t.unsqueeze(0).expand(x_in.shape[0]).to(torch.long), cond_in)
+            with autocast():
+                v = model(x_in, t.unsqueeze(0).expand(x_in.shape[0]).to(device=device, dtype=torch.long), cond_in)
+            v = v.float()  # the Euler update in fp32, as ours
             v_u, v_c = v.chunk(2)
             x = s.step(v_u + 3.0 * (v_c - v_u), t, x).prev_sample
         return x
 
-    sample = benchmarking.time_it(sample_images, warmup=1, iters=max(3, a.iters // 2), sync=lambda x: x)
+    sample = benchmarking.time_it(sample_images, warmup=1, iters=max(3, a.iters // 2), sync=sync)
     return train, sample, sum(p.numel() for p in model.parameters() if p is not model.model.pad_token), \
         torch.get_num_threads()
 
@@ -188,7 +215,9 @@ def main(argv=None):
     train_flops = flops["train_step"] * a.batch
     sample_flops = flops["forward"] * 2 * a.sample_batch * a.sample_steps
 
-    jax_peak = benchmarking.jax_matmul_peak()
+    # in the compute dtype; on a GPU at 8192^3 (2048^3 leaves an H100 mostly idle)
+    peak_n = 8192 if jax.devices()[0].platform == "gpu" else 2048
+    jax_peak = benchmarking.jax_matmul_peak(n=peak_n, dtype=jnp.dtype(a.dtype))
     t0 = time.perf_counter()
     ours_train, ours_sample, n_params = bench_ours(cfg, a, x0, cond)
     print(f"ours: {n_params / 1e6:.1f}M params; train step {ours_train['median_s'] * 1e3:.1f} ms "
@@ -201,6 +230,7 @@ def main(argv=None):
                    "ffn_dim": cfg.ffn_dim, "batch": a.batch, "remat": a.remat, "params": n_params,
                    "sample_steps": a.sample_steps, "sample_batch": a.sample_batch},
         "device": jax.devices()[0].device_kind,
+        "dtype": a.dtype, "attention": a.attention, "preset": a.preset, "scan": a.scan,
         "train_gflops_per_step": train_flops / 1e9,
         "sample_gflops_per_call": sample_flops / 1e9,
         "jax_matmul_peak_gflops": jax_peak / 1e9,
@@ -216,7 +246,8 @@ def main(argv=None):
     if not a.skip_torch:
         import torch
 
-        torch_peak = benchmarking.torch_matmul_peak()
+        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch_peak = benchmarking.torch_matmul_peak(n=peak_n, dtype=getattr(torch, a.dtype), device=torch_device)
         t0 = time.perf_counter()
         ref_train, ref_sample, ref_params, threads = bench_torch(cfg, a, x0, cond)
         print(f"torch: {ref_params / 1e6:.1f}M params; train step {ref_train['median_s'] * 1e3:.1f} ms, "
@@ -229,7 +260,7 @@ def main(argv=None):
             "train_gflops": train_flops / ref_train["median_s"] / 1e9,
             "train_frac_of_peak": train_flops / ref_train["median_s"] / torch_peak,
             "sample_s": ref_sample["median_s"], "sample_gflops": sample_flops / ref_sample["median_s"] / 1e9,
-            "threads": threads, "torch_version": torch.__version__,
+            "threads": threads, "torch_version": torch.__version__, "device": str(torch_device),
         }
         result["train_speedup"] = ref_train["median_s"] / ours_train["median_s"]
         result["sample_speedup"] = ref_sample["median_s"] / ours_sample["median_s"]

@@ -2,6 +2,7 @@
 
     python tools/bench_llm.py                       # ~88M-param Qwen3-style model, fp32, batch 4
     python tools/bench_llm.py --layers 2 --decode_tokens 16 --iters 2     # quick
+    python tools/bench_llm.py --preset gpu --dtype bfloat16 --attention cudnn    # on a GPU (tools/gpu_check.sh)
 
 Prefill: a batch of `prefill_len`-token prompts into a fresh KV cache, logits of the last token (what generation
 needs; transformers: `use_cache=True, logits_to_keep=1`). Decode: greedy generation of `decode_tokens` new tokens
@@ -13,6 +14,10 @@ the first call (compile for us) is reported separately. Analytic FLOPs count mat
 causal attention counts the keys each query actually sees); the matmul peaks are measured in the same run. Decode
 is bound by memory, not FLOPs: the run also measures the machine's read bandwidth and reports each side's decode
 time over the bound of reading every weight once per step. The last line is one JSON object.
+
+On a GPU, transformers runs on CUDA too (`torch.cuda.is_available()`); `--dtype bfloat16` puts both sides' weights
+and KV caches in bf16 (transformers: the model cast to `torch.bfloat16`, SDPA attention), `--attention cudnn` gives
+ours cuDNN flash attention, and the matmul peaks are measured in the compute dtype at 8192^3.
 """
 from __future__ import annotations
 
@@ -40,7 +45,27 @@ flags.DEFINE_bool("scan_layers", True, "Use nn.scan over layers (False: a Python
 flags.DEFINE_enum("decode_layout", "unrolled", ["unrolled", "config"],
                   "Layer layout of ours' decode: `unrolled` (generation.unrolled: what the sampler decodes with off "
                   "TPU) or `config` (as --scan_layers says).")
+flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
+                  "Size preset: `cpu` (the defaults above) or `gpu` (a ~0.9B-param 2048x16 model, batch 16, 1024-token "
+                  "prefill, 64 decoded tokens, 5 rounds: enough work that an H100/H200 is not idle); flags given "
+                  "explicitly win over the preset.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Weights, activations and KV cache of both sides (transformers: the model cast to this dtype).")
+flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"],
+                  "Ours' attention kernel (the models' `attention_impl`): xla, or cudnn (GPU flash attention, bf16 "
+                  "only). transformers uses SDPA either way.")
 FLAGS = flags.FLAGS
+
+GPU_PRESET = dict(batch=16, prefill_len=1024, decode_prompt=64, decode_tokens=64, hidden=2048, layers=16, heads=16,
+                  kv_heads=8, head_dim=128, intermediate=6144, vocab=32000, iters=5)
+
+
+def apply_preset():
+    """The `--preset gpu` sizes, for every flag not given on the command line."""
+    if FLAGS.preset == "gpu":
+        for name, value in GPU_PRESET.items():
+            if not FLAGS[name].present:
+                setattr(FLAGS, name, value)
 
 
 def main(_):
@@ -52,25 +77,33 @@ def main(_):
 
     from blip3o_jax import benchmarking, convert, models
     from blip3o_jax.generation import generate, unrolled
-    from blip3o_jax.models import qwen
+    from blip3o_jax.models import layers, qwen
 
+    apply_preset()
     cfg = qwen.QwenConfig(
         vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.intermediate,
         num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads, num_key_value_heads=FLAGS.kv_heads,
         head_dim=FLAGS.head_dim, attention_bias=False, qk_norm=True, tie_word_embeddings=True,
         rope_theta=1_000_000.0, max_position_embeddings=4096, scan_layers=FLAGS.scan_layers,
+        dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, attention_impl=FLAGS.attention,
     )
     kind = "qwen3"
     B, L, P, N = FLAGS.batch, FLAGS.prefill_len, FLAGS.decode_prompt, FLAGS.decode_tokens
-    print(f"config: {cfg.num_params / 1e6:.1f}M params; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, FLAGS.dtype)
+    print(f"config: {cfg.num_params / 1e6:.1f}M params, {FLAGS.dtype}, attention {FLAGS.attention}; jax "
+          f"{jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {torch_device} with "
+          f"{torch.get_num_threads()} threads", flush=True)
 
     torch.manual_seed(0)
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen.config_to_hf(kind, cfg))).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    params = jax.device_put(convert.from_torch(kind, state_dict, cfg))
+    params = jax.device_put(convert.from_torch(kind, state_dict, cfg))  # cast to cfg.param_dtype
+    hf = hf.to(device=torch_device, dtype=torch_dtype)
+    hf.config._attn_implementation = "sdpa"
     module = models.build(kind, cfg)
     dec_module, dec_params = (unrolled(kind, cfg, params) if FLAGS.decode_layout == "unrolled"
                               else (module, params))
@@ -83,22 +116,27 @@ def main(_):
     # ---------------- ours
     @jax.jit
     def prefill(p, ids):
-        cache = qwen.init_cache(cfg, ids.shape[0], ids.shape[1] + N)
+        cache = qwen.init_cache(cfg, ids.shape[0], ids.shape[1] + N, layers.to_dtype(cfg.dtype))
         hidden, _, cache = module.apply({"params": p}, ids, cache=cache, compute_logits=False, method=module.forward)
         return module.apply({"params": p}, hidden[:, -1:], method=module.lm_logits)[:, 0], cache
 
     ids_dev = jnp.asarray(prefill_ids)
-    prefill_t = torch.tensor(prefill_ids, dtype=torch.long)
-    decode_t = torch.tensor(decode_ids, dtype=torch.long)
+    prefill_t = torch.tensor(prefill_ids, dtype=torch.long, device=torch_device)
+    decode_t = torch.tensor(decode_ids, dtype=torch.long, device=torch_device)
+
+    def torch_sync(x):
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
 
     def hf_prefill():
         with torch.no_grad():
-            return hf(input_ids=prefill_t, use_cache=True, logits_to_keep=1).logits
+            return torch_sync(hf(input_ids=prefill_t, use_cache=True, logits_to_keep=1).logits)
 
     def hf_decode():
         with torch.no_grad():
-            return hf.generate(input_ids=decode_t, attention_mask=torch.ones_like(decode_t), max_new_tokens=N,
-                               min_new_tokens=N, do_sample=False)
+            return torch_sync(hf.generate(input_ids=decode_t, attention_mask=torch.ones_like(decode_t),
+                                          max_new_tokens=N, min_new_tokens=N, do_sample=False))
 
     runs = {
         "ours_prefill": lambda: jax.block_until_ready(prefill(params, ids_dev)),
@@ -122,15 +160,19 @@ def main(_):
     timing = {name: {"first_call_s": first[name], "median_s": float(np.median(times[name]))} for name in runs}
     round_speedup = {kind_: float(np.median(np.asarray(times[f"hf_{kind_}"]) / np.asarray(times[f"ours_{kind_}"])))
                      for kind_ in ("prefill", "decode")}
-    ours_last_logits, ours_tokens = np.asarray(last["ours_prefill"][0]), np.asarray(last["ours_decode"])
-    hf_last_logits, hf_tokens = last["hf_prefill"][:, -1].numpy(), last["hf_decode"][:, P:].numpy()
+    ours_last_logits = np.asarray(last["ours_prefill"][0], np.float32)
+    ours_tokens = np.asarray(last["ours_decode"])
+    hf_last_logits = last["hf_prefill"][:, -1].float().cpu().numpy()
+    hf_tokens = last["hf_decode"][:, P:].cpu().numpy()
 
     # ---------------- peaks and FLOPs
-    jax_peak = benchmarking.jax_matmul_peak()
-    torch_peak = benchmarking.torch_matmul_peak()
-    bandwidth = benchmarking.memory_bandwidth()
+    # in the compute dtype; on a GPU at 8192^3 (2048^3 leaves an H100 mostly idle) and over 4 GiB
+    peak_n = 8192 if on_gpu else 2048
+    jax_peak = benchmarking.jax_matmul_peak(n=peak_n, dtype=layers.to_dtype(FLAGS.dtype))
+    torch_peak = benchmarking.torch_matmul_peak(n=peak_n, dtype=torch_dtype, device=torch_device)
+    bandwidth = benchmarking.memory_bandwidth(nbytes=(4 << 30) if on_gpu else (512 << 20))
     # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather)
-    weight_bytes = 4 * sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
     decode_bound_s = (N + 1) * weight_bytes / bandwidth  # N steps + the short prefill, each one pass
     prefill_flops = qwen.count_flops(cfg, B, L, context=(L + 1) / 2, logits_tokens=B)
     decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N))  # + the short prefill
@@ -144,7 +186,11 @@ def main(_):
     result = {
         "benchmark": "qwen_lm_prefill_decode",
         "params_m": cfg.num_params / 1e6,
-        "dtype": "float32",
+        "dtype": FLAGS.dtype,
+        "attention": FLAGS.attention,
+        "preset": FLAGS.preset,
+        "device": jax.devices()[0].device_kind,
+        "torch_device": str(torch_device),
         "batch": B, "prefill_len": L, "decode_prompt": P, "decode_tokens": N,
         "prefill_gflop": prefill_flops / 1e9,
         "ours_prefill": rates(timing["ours_prefill"], prefill_flops, B * L, jax_peak),

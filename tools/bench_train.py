@@ -17,6 +17,13 @@ framework's f32 matmul peak measured in the same run. Last line: one JSON object
   python tools/bench_train.py                            # ~2-3 min on 2 CPU cores
   python tools/bench_train.py --hidden 256 --layers 2 --dit_layers 2 --iters 3
   python tools/bench_train.py --modes full,prefix,precomputed   # where the FLOPs go (issue 7), ours only
+  python tools/bench_train.py --preset gpu --dtype bfloat16 --attention cudnn   # on a GPU (tools/gpu_check.sh)
+
+On a GPU the PyTorch step runs on CUDA (`torch.cuda.is_available()`). `--dtype bfloat16` is bf16 compute on both
+sides with the frozen backbone's weights in bf16 and the trainable parameters and AdamW state in fp32 (ours: the
+configs' `dtype` and `train.frozen_param_dtype`, as the 8B recipe; torch: the backbone cast to `torch.bfloat16` and
+`torch.autocast(bfloat16)`, SDPA attention); `--attention cudnn` gives ours cuDNN flash attention; the matmul peaks
+are then measured in bf16 (8192^3 on a GPU).
 """
 from __future__ import annotations
 
@@ -41,6 +48,14 @@ from blip3o_jax.training import metrics as metrics_lib  # noqa: E402
 from blip3o_jax.training import step as step_lib  # noqa: E402
 
 
+# `--preset gpu`: a 2048x8 Qwen3-style backbone (16 heads of 128, 8 kv heads) over 256 tokens, the 8B release's DiT
+# width and 8x8x1792 grid at 8 of its 24 layers, batch 32: ~18 TFLOP a step, enough that an H100/H200 is not idle;
+# scanned as on the accelerator configs
+GPU_PRESET = dict(batch=32, prompt_len=191, n_query=64, vocab=32000, hidden=2048, layers=8, heads=16, kv_heads=8,
+                  head_dim=128, intermediate=6144, dit_dim=1792, dit_layers=8, dit_heads=28, grid=8, channels=1792,
+                  iters=10, scan=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=256, help="target channels (1792 for EVA-CLIP)")
     p.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--skip_torch", "--skip-torch", action="store_true", help="time ours only (no PyTorch reference)")
-    p.add_argument("--scan", action="store_true",
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
                         "configs (a scanned step runs ~20%% slower on XLA:CPU)")
     # issue 7: where a frozen-backbone step spends its FLOPs, ours only
@@ -74,7 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--image_size", "--image-size", type=int, default=112, help="--modes: EVA input side (patch 14)")
     p.add_argument("--eva_layers", "--eva-layers", type=int, default=6, help="--modes: EVA blocks (width = --channels)")
     p.add_argument("--eva_head_width", "--eva-head-width", type=int, default=64, help="--modes: EVA head width")
-    return p.parse_args(argv)
+    benchmarking.add_accelerator_flags(
+        p, GPU_PRESET, "compute dtype of both sides; bfloat16 also stores the frozen backbone in bf16 (trainable "
+                        "parameters and optimizer state stay fp32)")
+    return benchmarking.parse_with_preset(p, argv, GPU_PRESET)
 
 
 def make_config(a) -> ml_collections.ConfigDict:
@@ -86,10 +104,11 @@ def make_config(a) -> ml_collections.ConfigDict:
         backbone=dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                       head_dim=a.head_dim, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                      scan_layers=a.scan),
+                      scan_layers=a.scan, dtype=a.dtype, attention_impl=a.attention),
         n_query=a.n_query, target="precomputed", image_size=16, loss="clip_fm", query_path="full",
         dit=dict(input_size=a.grid, patch_size=1, in_channels=a.channels, dim=a.dit_dim, n_layers=a.dit_layers,
-                 n_heads=a.dit_heads, n_kv_heads=a.dit_heads, multiple_of=256, scan_layers=a.scan),
+                 n_heads=a.dit_heads, n_kv_heads=a.dit_heads, multiple_of=256, scan_layers=a.scan, dtype=a.dtype,
+                 attention_impl=a.attention),
     ))
     c.flow = ml_collections.ConfigDict(dict(cond_drop_prob=0.1))
     c.data = data_pipeline.default_config()
@@ -98,7 +117,8 @@ def make_config(a) -> ml_collections.ConfigDict:
     c.data.seq_buckets = (seq,)
     c.data.n_query = a.n_query
     c.train = ml_collections.ConfigDict(dict(total_steps=1000, lr=1e-4, min_lr=1e-5, warmup_steps=0,
-                                             freeze_backbone=True, text_loss_weight=0.0, grad_clip_norm=1.0))
+                                             freeze_backbone=True, text_loss_weight=0.0, grad_clip_norm=1.0,
+                                             frozen_param_dtype=a.dtype))
     c.log = ml_collections.ConfigDict(dict(sigma_buckets=5))
     return c
 
@@ -130,9 +150,12 @@ def torch_step_fn(a, mcfg, batch):
     from blip3o_jax.models import qwen as qwen_lib
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = a.dtype == "bfloat16"
     torch.manual_seed(0)
     lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen_lib.config_to_hf("qwen3", mcfg.backbone)))
     lm.config._attn_implementation = "sdpa"
+    lm = lm.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)  # frozen: stored in the compute dtype
     for p in lm.parameters():
         p.requires_grad_(False)
     d = mcfg.dit
@@ -144,32 +167,37 @@ def torch_step_fn(a, mcfg, batch):
         ffn_dim_multiplier=d.ffn_dim_multiplier, norm_eps=d.norm_eps, learn_sigma=False, qk_norm=d.qk_norm,
         cross_attention_dim=d.dim)
     freqs_cis = get_2d_rotary_pos_embed_lumina(d.dim // d.n_heads, 384, 384)
+    queries = torch.nn.Parameter(queries.data.to(device))
+    caption_projection, dit, freqs_cis = caption_projection.to(device), dit.to(device), freqs_cis.to(device)
     trainable = [queries, *caption_projection.parameters(), *dit.parameters()]
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    ids = torch.from_numpy(batch["input_ids"]).long()
-    mask = torch.from_numpy(batch["attention_mask"]).long()
-    x0 = torch.from_numpy(batch["targets"]).permute(0, 3, 1, 2).contiguous()
+    ids = torch.from_numpy(batch["input_ids"]).long().to(device)
+    mask = torch.from_numpy(batch["attention_mask"]).long().to(device)
+    x0 = torch.from_numpy(batch["targets"]).permute(0, 3, 1, 2).contiguous().to(device)
     start = a.prompt_len + 1
     B = ids.shape[0]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        embeds = lm.model.embed_tokens(ids)
-        # as the original: the query slots' embeddings are replaced by the latent queries
-        embeds = torch.cat([embeds[:, :start], queries.expand(B, -1, -1)], dim=1)
-        hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        cond = hidden[:, start:start + mcfg.n_query]
-        cond = cond * (torch.rand(B, 1, 1) > 0.1).to(cond.dtype)  # mask_drop(cond, 0.1)
-        t = torch.randint(1, 1001, (B,)).float()
-        sigma = (t / 1000.0)[:, None, None, None]
-        noise = torch.randn_like(x0)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        v = dit(x_t, t, caption_projection(cond), torch.ones(B, mcfg.n_query, dtype=torch.long), freqs_cis,
-                cross_attention_kwargs={}).sample
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            embeds = lm.model.embed_tokens(ids)
+            # as the original: the query slots' embeddings are replaced by the latent queries
+            embeds = torch.cat([embeds[:, :start], queries.expand(B, -1, -1).to(embeds.dtype)], dim=1)
+            hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            cond = hidden[:, start:start + mcfg.n_query]
+            cond = cond * (torch.rand(B, 1, 1, device=device) > 0.1).to(cond.dtype)  # mask_drop(cond, 0.1)
+            t = torch.randint(1, 1001, (B,), device=device).float()
+            sigma = (t / 1000.0)[:, None, None, None]
+            noise = torch.randn_like(x0)
+            x_t = (1 - sigma) * x0 + sigma * noise
+            v = dit(x_t, t, caption_projection(cond), torch.ones(B, mcfg.n_query, dtype=torch.long, device=device),
+                    freqs_cis, cross_attention_kwargs={}).sample
         loss = torch.mean((v.float() - (noise - x0).float()) ** 2)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return loss.detach()
 
     return step
@@ -296,14 +324,20 @@ def main(argv=None):
         holder["state"], m = setup.step_fn(holder["state"], frozen, batch)
         return m["loss"]
 
-    peak_jax = benchmarking.jax_matmul_peak()
+    # in the compute dtype; on a GPU at 8192^3 (2048^3 leaves an H100 mostly idle)
+    peak_kw = dict(n=8192 if jax.devices()[0].platform == "gpu" else 2048)
+    peak_jax = benchmarking.jax_matmul_peak(dtype=jnp.dtype(a.dtype), **peak_kw)
     t0 = time.perf_counter()
     benchmarking.block(ours())
     first_ours = time.perf_counter() - t0
     ref = None
     first_ref = None
     if not a.skip_torch:
-        peak_torch = benchmarking.torch_matmul_peak()
+        import torch
+
+        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        peak_kw_torch = dict(peak_kw, dtype=getattr(torch, a.dtype), device=torch_device)
+        peak_torch = benchmarking.torch_matmul_peak(**peak_kw_torch)
         ref = torch_step_fn(a, mcfg, host_batch)
         t0 = time.perf_counter()
         ref()
@@ -319,13 +353,15 @@ def main(argv=None):
             t0 = time.perf_counter()
             ref()
             t_ref.append(time.perf_counter() - t0)
-    peak_jax = max(peak_jax, benchmarking.jax_matmul_peak())
+    peak_jax = max(peak_jax, benchmarking.jax_matmul_peak(dtype=jnp.dtype(a.dtype), **peak_kw))
     s_ours = statistics.median(t_ours)
     result = {
         "bench": "train_step",
         "config": {"batch": a.batch, "seq_len": seq, "n_query": a.n_query, "backbone": f"qwen3 {a.hidden}x{a.layers}",
                    "dit": f"{a.dit_dim}x{a.dit_layers}", "grid": f"{a.grid}x{a.grid}x{a.channels}",
-                   "trainable": list(setup.trainable_names)},
+                   "trainable": list(setup.trainable_names), "dtype": a.dtype, "attention": a.attention,
+                   "preset": a.preset, "scan": a.scan},
+        "device": jax.devices()[0].device_kind,
         "gflops_per_step": flops_step / 1e9,
         "gflops_per_step_parts": {k: v * a.batch / 1e9 for k, v in flops.items() if k != "total"},
         "ours": {"steps_per_s": 1 / s_ours, "samples_per_s": a.batch / s_ours, "median_s": s_ours,
@@ -334,15 +370,15 @@ def main(argv=None):
         "jax_matmul_peak_gflops": peak_jax / 1e9,
     }
     if ref is not None:
-        peak_torch = max(peak_torch, benchmarking.torch_matmul_peak())
+        peak_torch = max(peak_torch, benchmarking.torch_matmul_peak(**peak_kw_torch))
         s_ref = statistics.median(t_ref)
         result["torch"] = {"steps_per_s": 1 / s_ref, "samples_per_s": a.batch / s_ref, "median_s": s_ref,
                            "first_call_s": first_ref, "gflops_per_s": flops_step / s_ref / 1e9,
-                           "fraction_of_peak": flops_step / s_ref / peak_torch}
+                           "fraction_of_peak": flops_step / s_ref / peak_torch, "device": str(torch_device)}
         result["torch_matmul_peak_gflops"] = peak_torch / 1e9
         result["speedup_vs_torch"] = statistics.median([r / o for o, r in zip(t_ours, t_ref)])
     print(f"ours: {1 / s_ours:.2f} steps/s ({flops_step / s_ours / 1e9:.1f} GFLOP/s, "
-          f"{flops_step / s_ours / peak_jax:.0%} of the f32 matmul peak); compile {first_ours:.1f} s")
+          f"{flops_step / s_ours / peak_jax:.0%} of the {a.dtype} matmul peak); compile {first_ours:.1f} s")
     if ref is not None:
         print(f"torch: {1 / s_ref:.2f} steps/s ({flops_step / s_ref / 1e9:.1f} GFLOP/s, "
               f"{flops_step / s_ref / peak_torch:.0%} of peak); speedup {result['speedup_vs_torch']:.2f}x")
