@@ -207,6 +207,7 @@ def main(_):
         "prefill_speedup": timing["hf_prefill"]["median_s"] / timing["ours_prefill"]["median_s"],
         "decode_speedup": timing["hf_decode"]["median_s"] / timing["ours_decode"]["median_s"],
         "prefill_speedup_median_of_rounds": round_speedup["prefill"],
+        "rounds_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
         "decode_speedup_median_of_rounds": round_speedup["decode"],
         "greedy_tokens_match": bool(np.array_equal(ours_tokens, hf_tokens)),
         "prefill_last_logits_max_rel_diff": float(np.abs(ours_last_logits - hf_last_logits).max()
