@@ -117,7 +117,8 @@ def test_convert_then_load_pretrained_gives_the_same_model(kind, tmp_path):
     rng = np.random.default_rng(0)
     args = jax.tree.map(lambda x: _random_like(x, rng), args)
     kwargs = jax.tree.map(lambda x: _random_like(x, rng), kwargs)
-    variables = module.init(jax.random.PRNGKey(1), *args, method=method, **kwargs)
+    # jitted: eager (op by op) init and apply of the conv models cost more than their compiles
+    variables = jax.jit(lambda a, kw: module.init(jax.random.PRNGKey(1), *a, method=method, **kw))(args, kwargs)
     params = flax.linen.unbox(variables["params"])
     params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     state_dict = convert.to_torch(kind, params, cfg)
@@ -128,9 +129,10 @@ def test_convert_then_load_pretrained_gives_the_same_model(kind, tmp_path):
     write_safetensors(state_dict, str(src / ("diffusion_pytorch_model.safetensors" if "_class_name" in hf
                                             else "model.safetensors")))
     assert pretrained.convert_checkpoint(str(src), str(dst), kind=kind, progress=False) == kind
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    apply = jax.jit(lambda m, p, a, kw: m.apply({"params": p, **extra}, *a, method=method, **kw), static_argnums=0)
     for path in (str(dst), str(src)):
         loaded_module, loaded = blip3o_jax.load_pretrained(path, kind=kind if path == str(src) else None)
         jax.tree.map(np.testing.assert_array_equal, loaded, params)
-        apply = lambda m, p: m.apply({"params": p, **{k: v for k, v in variables.items() if k != "params"}},  # noqa: E731
-                                     *args, method=method, **kwargs)
-        jax.tree.map(np.testing.assert_array_equal, apply(loaded_module, loaded), apply(module, params))
+        jax.tree.map(np.testing.assert_array_equal, apply(loaded_module, loaded, args, kwargs),
+                     apply(module, params, args, kwargs))
