@@ -133,13 +133,14 @@ def test_errors_name_what_is_unsupported(qkv):
         layers.attention(q, k, v[..., :16], implementation="pallas")
 
 
-def test_qwen_accepts_pallas():
-    """attention_impl="pallas" through a model config: a 1-layer Qwen3-style decoder with left padding (its dense
-    causal & padding mask takes the kernel's bias path) equals the XLA path."""
+def test_qwen_accepts_pallas(monkeypatch):
+    """attention_impl="pallas" through a model config: a 2-layer Qwen3-style decoder with left padding (without a
+    cache the kernel gets the key padding as segment ids and causality as its flag, no dense bias) equals the XLA
+    path on the real tokens, and the padding rows stay finite (they feed the next layer's keys)."""
     from blip3o_jax.models import qwen
 
     def model(impl):
-        cfg = qwen.QwenConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        cfg = qwen.QwenConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_impl=impl)
         return qwen.QwenForCausalLM(cfg)
 
@@ -149,6 +150,16 @@ def test_qwen_accepts_pallas():
     params = xla.init(jax.random.key(0), ids, attention_mask)
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
     want = jax.jit(xla.apply)(params, ids, attention_mask)
+    seen = []
+    kernel = layers.pallas_attention
+
+    def spy(q, k, v, *, mask=None, is_causal=False, **kw):
+        seen.append((None if mask is None else mask.shape, is_causal))
+        return kernel(q, k, v, mask=mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(layers, "pallas_attention", spy)
     got = jax.jit(model("pallas").apply)(params, ids, attention_mask)
+    assert seen == [((2, 1, 1, 24), True)] * 2, seen  # key padding + the causal flag in both layers
+    assert np.isfinite(np.asarray(got)).all()
     err = rel_err(got * attention_mask[..., None], want * attention_mask[..., None])
     assert err <= FP32_TOL, err

@@ -272,7 +272,11 @@ class QwenAttention(nn.Module):
             k, v = k_cache.astype(dtype), v_cache.astype(dtype)
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        out = layers.attention(q, k, v, mask=mask, scale=Dh**-0.5, implementation=cfg.attention_impl)
+        # the decoder is causal: a key-padding-only mask (what `forward` gives the Pallas kernel without a cache)
+        # comes with the causality as a flag, which the kernel applies per tile instead of reading a dense bias
+        is_causal = kv_cache is None and mask is not None and mask.shape[-2] == 1 and L > 1
+        out = layers.attention(q, k, v, mask=mask, is_causal=is_causal, scale=Dh**-0.5,
+                               implementation=cfg.attention_impl)
         out = dense(cfg.hidden_size, use_bias=cfg.o_proj_bias, kernel_axes=("heads", "embed"), name="o_proj")(
             out.reshape(B, L, H * Dh)
         )
@@ -382,6 +386,8 @@ class QwenForCausalLM(nn.Module):
             T = key_valid.shape[1]
             causal = jnp.arange(T)[None, :] <= cache_index + jnp.arange(L)[:, None]  # (L, T) by slot
         mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, L, T)
+        if cache is None and cfg.attention_impl == "pallas":  # causality as the kernel's flag (QwenAttention)
+            mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
         if positions is None:
             positions = default_positions(key_valid)
             if cache is not None:
