@@ -190,7 +190,12 @@ def test_two_processes_match_one_resume_and_fail_fast(data_dir, tmp_path):
         took = time.monotonic() - killed_at
         out0 = p.output(0)
     assert code != 0, "process 0 exited cleanly although its peer died"
-    assert "another task died" in out0 or "stopped sending heartbeats" in out0, out0[-3000:]
+    # how the runtime reports the dead peer depends on where process 0 is when the peer dies: the coordination
+    # service ("another task died", missed heartbeats) or, mid-collective, gloo's transport (a connection closed or
+    # a truncated message: "Received data size doesn't match expected size")
+    peer_died = ("another task died", "stopped sending heartbeats", "Received data size doesn't match",
+                 "Connection closed by peer", "Connection reset by peer")
+    assert any(m in out0 for m in peer_died), out0[-3000:]
     assert took <= HEARTBEAT_S + 60
 
     losses = _losses(multi)
