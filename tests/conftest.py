@@ -95,3 +95,53 @@ def t2i_batch(rs, batch: int, n: int = 24, n_query: int = 16, task=None) -> dict
             "task": np.zeros((batch,), np.int32) if task is None else np.asarray(task, np.int32),
             "sample_valid": np.ones((batch,), np.int32),
             "targets": rs.randn(batch, 4, 4, 8).astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a local folder standing in for a bucket (tests of gs:// workdirs and outputs)
+
+import builtins  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+_GUARDED = ((builtins, "open"), (os, "open"), (os, "makedirs"), (os, "mkdir"), (os, "replace"), (os, "rename"),
+            (os, "remove"), (os, "listdir"), (os, "stat"), (os, "scandir"))
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """`gs://bucket` -> tmp_path/bucket; cwd and $TMPDIR are empty folders; `local_calls` lists every local file
+    API call that was handed a `gs:` path (each one a file that would have landed on the local disk, or a read
+    that would have missed the bucket)."""
+    from etils import epath
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+
+    def to_bucket(p):
+        return str(p).replace("gs://bucket", str(root))
+
+    from blip3o_jax import paths
+
+    monkeypatch.setattr(paths, "_epath", lambda p: epath.Path(to_bucket(p)))
+    monkeypatch.setattr(paths, "storage_path", to_bucket)
+    local_calls = []
+
+    def guard(fn):
+        def wrapped(path, *a, **k):
+            if "gs:" in str(path):
+                local_calls.append((fn.__name__, str(path)))
+            return fn(path, *a, **k)
+        return wrapped
+
+    for mod, name in _GUARDED:
+        monkeypatch.setattr(mod, name, guard(getattr(mod, name)))
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    state = {"root": root, "local_calls": local_calls, "cwd": cwd, "tmp": tmp}
+    yield state

@@ -1,6 +1,6 @@
 """`gs://` outputs of `blip3o-precompute`, `blip3o-sample` and `convert_torch_weights.py`, through the path layer
 (blip3o_jax/paths.py) with a local folder standing in for the bucket: its epath backend and the paths handed to
-Orbax are redirected, as tests/test_train_hardening.py does for a training workdir.
+Orbax are redirected (conftest's `bucket` fixture, which tests/test_train_hardening.py uses for a training workdir).
 
 Each test proves that every file lands in the bucket folder, that no local file API ever sees a `gs:` path (a guard
 on open/os.* records any), that the working directory and the temporary directory stay empty (no local `gs:`
@@ -8,18 +8,16 @@ folder), and that the remote output is the same as the local one (same bytes, sa
 """
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import os
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from blip3o_jax import cli, paths, pretrained, sample
+from blip3o_jax import cli, pretrained, sample
 from blip3o_jax import precompute as precompute_lib
 from blip3o_jax import sample_formats as fmts
 from blip3o_jax.data import synthetic, targets
@@ -30,48 +28,8 @@ import make_tiny_release  # noqa: E402
 
 STEPS = ["--dit_steps", "4", "--decoder_steps", "4", "--batch", "2", "--devices", "1", "--progress=false"]
 PROMPTS = ["a red circle", "a small green square"]
-_GUARDED = ((builtins, "open"), (os, "open"), (os, "makedirs"), (os, "mkdir"), (os, "replace"), (os, "rename"),
-            (os, "remove"), (os, "listdir"), (os, "stat"), (os, "scandir"))
-
-
 def _files(root) -> set[str]:
     return {os.path.relpath(os.path.join(r, n), root) for r, _, ns in os.walk(root) for n in ns}
-
-
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    """`gs://bucket` -> tmp_path/bucket; cwd and $TMPDIR are empty folders; `local_calls` lists every local file
-    API call that was handed a `gs:` path (each one a file that would have landed on the local disk, or a read
-    that would have missed the bucket)."""
-    from etils import epath
-
-    root = tmp_path / "bucket"
-    root.mkdir()
-
-    def to_bucket(p):
-        return str(p).replace("gs://bucket", str(root))
-
-    monkeypatch.setattr(paths, "_epath", lambda p: epath.Path(to_bucket(p)))
-    monkeypatch.setattr(paths, "storage_path", to_bucket)
-    local_calls = []
-
-    def guard(fn):
-        def wrapped(path, *a, **k):
-            if "gs:" in str(path):
-                local_calls.append((fn.__name__, str(path)))
-            return fn(path, *a, **k)
-        return wrapped
-
-    for mod, name in _GUARDED:
-        monkeypatch.setattr(mod, name, guard(getattr(mod, name)))
-    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
-    cwd.mkdir()
-    tmp.mkdir()
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    state = {"root": root, "local_calls": local_calls, "cwd": cwd, "tmp": tmp}
-    yield state
 
 
 def assert_nothing_local(state):

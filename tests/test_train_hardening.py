@@ -311,39 +311,11 @@ def test_stale_lock_is_taken_over_and_released(tmp_path, caplog):
 # gs:// workdirs: every file through one path layer
 
 
-def test_remote_workdir_writes_nothing_locally_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
-    """A `gs://bucket/run` workdir with a local folder standing in for the bucket (the path layer's epath backend
-    and the paths handed to Orbax are redirected): every file of the run lands in the bucket folder, no local file
-    API ever sees a `gs:` path, and a second run resumes from the bucket's checkpoint."""
-    import builtins
-
-    from etils import epath
-
+def test_remote_workdir_writes_nothing_locally_and_resumes(data_dir, bucket, capsys):
+    """A `gs://bucket/run` workdir with a local folder standing in for the bucket (conftest's `bucket`: the path
+    layer's epath backend and the paths handed to Orbax are redirected): every file of the run lands in the bucket
+    folder, no local file API ever sees a `gs:` path, and a second run resumes from the bucket's checkpoint."""
     from blip3o_jax import train as train_lib
-    from blip3o_jax.training import workdir as wd
-
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-
-    def to_bucket(p):
-        return str(p).replace("gs://bucket", str(bucket))
-
-    monkeypatch.setattr(wd, "_epath", lambda p: epath.Path(to_bucket(p)))
-    monkeypatch.setattr(wd, "storage_path", to_bucket)
-    local_calls = []
-
-    def guard(fn):
-        def wrapped(path, *a, **k):
-            if "gs:" in str(path):
-                local_calls.append((fn.__name__, str(path)))
-            return fn(path, *a, **k)
-        return wrapped
-
-    for mod, name in ((builtins, "open"), (os, "makedirs"), (os, "mkdir"), (os, "open")):
-        monkeypatch.setattr(mod, name, guard(getattr(mod, name)))
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
 
     config = tiny_run_config(data_dir, **{"train.total_steps": 2, "log.tensorboard": True, "log.sample_every": 2,
                                           "flow.num_inference_steps": 2})
@@ -352,8 +324,8 @@ def test_remote_workdir_writes_nothing_locally_and_resumes(data_dir, tmp_path, m
     train_lib.train(config, "gs://bucket/run")
     out = capsys.readouterr().out
 
-    assert local_calls == [] and os.listdir(cwd) == []
-    run = bucket / "run"
+    assert bucket["local_calls"] == [] and os.listdir(bucket["cwd"]) == []
+    run = bucket["root"] / "run"
     names = {str(p.relative_to(run)).split(os.sep)[0] for p in run.rglob("*")}
     assert {"config.json", "metrics.jsonl", "parameter_overview.txt", "tensorboard", "samples", "frozen",
             "checkpoints"} <= names
