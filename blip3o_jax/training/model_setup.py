@@ -76,6 +76,23 @@ def _cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+
+def _param_layout(config, mesh, boxed, trainable_names) -> dict:
+    """The setup's parameter fields: the boxed abstract params split into trainable (fp32) and frozen groups, with
+    their shardings on `mesh`."""
+    boxed_trainable = {k: v for k, v in boxed.items() if k in trainable_names}
+    boxed_frozen = {k: v for k, v in boxed.items() if k not in trainable_names}
+    with jax.set_mesh(mesh):
+        trainable_sh = shd.params_shardings(boxed_trainable, mesh)
+        frozen_sh = shd.params_shardings(boxed_frozen, mesh)
+    unboxed = plain_unbox(boxed)
+    return dict(
+        trainable_names=trainable_names, abstract_params_boxed=boxed,
+        abstract_trainable=_abstract({k: unboxed[k] for k in trainable_names}, trainable_sh, jnp.float32),
+        abstract_frozen=_abstract({k: unboxed[k] for k in boxed_frozen}, frozen_sh, param_dtype(config, False)),
+        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh,
+    )
+
 def _abstract(tree, shardings, dtype):
     """ShapeDtypeStructs of `tree` with `shardings`; floating leaves take `dtype`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
@@ -147,19 +164,8 @@ def model_setup(config, mesh) -> ModelSetup:
     model = blip3o_lib.build("blip3o", mcfg)
     boxed = jax.eval_shape(lambda r: model.init(r, *init_inputs(mcfg))["params"], jax.random.key(0))
     trainable_names = opt_lib.trainable_groups(boxed.keys(), bool(defaults.option(config, "train.freeze_backbone")))
-    boxed_trainable = {k: v for k, v in boxed.items() if k in trainable_names}
-    boxed_frozen = {k: v for k, v in boxed.items() if k not in trainable_names}
-    with jax.set_mesh(mesh):
-        trainable_sh = shd.params_shardings(boxed_trainable, mesh)
-        frozen_sh = shd.params_shardings(boxed_frozen, mesh)
-    unboxed = plain_unbox(boxed)
-    return ModelSetup(
-        config=config, mesh=mesh, model=model, model_cfg=mcfg, trainable_names=trainable_names,
-        abstract_params_boxed=boxed,
-        abstract_trainable=_abstract({k: unboxed[k] for k in trainable_names}, trainable_sh, jnp.float32),
-        abstract_frozen=_abstract({k: unboxed[k] for k in boxed_frozen}, frozen_sh, param_dtype(config, False)),
-        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh,
-    )
+    return ModelSetup(config=config, mesh=mesh, model=model, model_cfg=mcfg,
+                      **_param_layout(config, mesh, boxed, trainable_names))
 
 
 
@@ -360,19 +366,8 @@ def sana_decoder_setup(config, mesh) -> SanaDecoderSetup:
     s = mcfg.image_size
     boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, s, s, 3), jnp.uint8))["params"], jax.random.key(0))
     trainable_names = tuple(k for k in boxed if k in SANA_TRAINABLE)
-    boxed_trainable = {k: v for k, v in boxed.items() if k in trainable_names}
-    boxed_frozen = {k: v for k, v in boxed.items() if k not in trainable_names}
-    with jax.set_mesh(mesh):
-        trainable_sh = shd.params_shardings(boxed_trainable, mesh)
-        frozen_sh = shd.params_shardings(boxed_frozen, mesh)
-    unboxed = plain_unbox(boxed)
-    return SanaDecoderSetup(
-        config=config, mesh=mesh, model=model, model_cfg=mcfg, trainable_names=trainable_names,
-        abstract_params_boxed=boxed,
-        abstract_trainable=_abstract({k: unboxed[k] for k in trainable_names}, trainable_sh, jnp.float32),
-        abstract_frozen=_abstract({k: unboxed[k] for k in boxed_frozen}, frozen_sh, param_dtype(config, False)),
-        trainable_shardings=trainable_sh, frozen_shardings=frozen_sh,
-    )
+    return SanaDecoderSetup(config=config, mesh=mesh, model=model, model_cfg=mcfg,
+                            **_param_layout(config, mesh, boxed, trainable_names))
 
 
 def is_sana_decoder_dir(path: str) -> bool:
