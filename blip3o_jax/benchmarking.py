@@ -107,6 +107,15 @@ def add_accelerator_flags(parser, gpu_preset: dict, dtype_help: str) -> None:
                              ", ".join(f"{k} {v}" for k, v in gpu_preset.items()) + "); flags given explicitly win")
 
 
+def add_profile_flags(parser) -> None:
+    """`--profile DIR` / `--profile_calls N` of the argparse benches (see `blip3o_jax.profiling`)."""
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="write per-op profiles of ours and the reference to DIR (traces, optimised HLO, per-op "
+                             "tables by kind), taken after the timed runs: the timings are unaffected")
+    parser.add_argument("--profile_calls", "--profile-calls", type=int, default=3,
+                        help="profiled calls per run with --profile")
+
+
 def parse_with_preset(parser, argv, gpu_preset: dict):
     """`parser.parse_args(argv)`, parsed again over `gpu_preset`'s defaults with `--preset gpu` (explicit flags win)."""
     a = parser.parse_args(argv)

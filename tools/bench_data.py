@@ -144,6 +144,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; best of them is reported")
     ap.add_argument("--skip", default="", help="comma list of variants to leave out: ours_threads, ours_1core, "
                     "ours_1core_nodraft, webdataset, hf_datasets")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the rounds, one more run of ours_1core and of the references under cProfile: "
+                         "DIR/NAME.pstats and DIR/NAME.functions.md (functions by own time)")
     a = ap.parse_args(argv)
 
     data_dir = os.path.join(a.workdir, f"shapes-{a.num_samples}-{a.min_size}-{a.max_size}")
@@ -182,6 +185,16 @@ def main(argv=None):
                         best[k] = max(best[k], v)
                     elif k in ("first_batch_s", "cpu_ms_per_sample"):
                         best[k] = min(best[k], v)
+    if a.profile:
+        from blip3o_jax import profiling
+
+        out_profile = {}
+        single = dict(runs, ours_1core=functools.partial(bench_ours, shards, tok, a.num_samples, a.batch,
+                                                          cache_dir=cache_dir, **variants["ours_1core"]))
+        for name in ("ours_1core", "webdataset", "hf_datasets"):
+            if name in single and name not in skip:
+                out_profile[name] = profiling.profile_python(name, single[name], a.profile)
+                print(f"profile {name}: {out_profile[name]['table']}", flush=True)
     out = {"bench": "data", "cores": cores, "rounds": a.rounds, "num_samples": a.num_samples, "batch": a.batch,
            "image_px": [a.min_size, a.max_size], "results": results}
     for ref in ("webdataset", "hf_datasets"):
@@ -192,6 +205,8 @@ def main(argv=None):
             if "cpu_ms_per_sample" in results[ref] and "ours_1core" in results:
                 out[f"cpu_per_sample_ratio_{ref}_over_ours_1core"] = (results[ref]["cpu_ms_per_sample"]
                                                                       / results["ours_1core"]["cpu_ms_per_sample"])
+    if a.profile:
+        out["profile"] = out_profile
     emit(out)
 
 

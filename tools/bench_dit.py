@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from blip3o_jax import benchmarking  # noqa: E402
+from blip3o_jax import benchmarking, profiling  # noqa: E402
 from blip3o_jax.diffusion import flow_matching as fm  # noqa: E402
 from blip3o_jax.models import dit as dit_lib  # noqa: E402
 
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--skip_torch", "--skip-torch", action="store_true", help="time ours only (no diffusers reference)")
     benchmarking.add_accelerator_flags(
         p, GPU_PRESET, "compute dtype of both sides (parameters and optimizer state stay fp32; torch: autocast)")
+    benchmarking.add_profile_flags(p)
     return benchmarking.parse_with_preset(p, argv, GPU_PRESET)
 
 
@@ -114,9 +115,9 @@ def bench_ours(cfg, a, x0, cond):
     shape = (a.sample_batch, cfg.input_size, cfg.input_size, cfg.in_channels)
     sampler = jax.jit(functools.partial(fm.sample, apply_fn, shape=shape, cfg=fm_cfg, num_steps=a.sample_steps))
     sample_cond = cond[: a.sample_batch]
-    sample = benchmarking.time_it(lambda: sampler(state["params"], sample_cond, jax.random.PRNGKey(0)),
-                                  warmup=1, iters=max(3, a.iters // 2))
-    return train, sample, dit_lib.count_params(params)
+    run_sample = lambda: sampler(state["params"], sample_cond, jax.random.PRNGKey(0))  # noqa: E731
+    sample = benchmarking.time_it(run_sample, warmup=1, iters=max(3, a.iters // 2))
+    return train, sample, dit_lib.count_params(params), {"ours_train": run_train, "ours_sample": run_sample}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -201,12 +202,21 @@ def bench_torch(cfg, a, x0, cond):
         return x
 
     sample = benchmarking.time_it(sample_images, warmup=1, iters=max(3, a.iters // 2), sync=sync)
+
+    def train_then_eval():  # the profiled train step runs in train mode, sampling in eval mode, as timed
+        model.train()
+        out = train_step()
+        model.eval()
+        return out
+    runs = {"torch_train": train_then_eval, "torch_sample": sample_images}
     return train, sample, sum(p.numel() for p in model.parameters() if p is not model.model.pad_token), \
-        torch.get_num_threads()
+        torch.get_num_threads(), runs, sync
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.profile:
+        profiling.enable_hlo_dump(a.profile)  # before the first compile
     cfg = make_config(a)
     rs = np.random.RandomState(0)
     x0 = jnp.asarray(rs.randn(a.batch, cfg.input_size, cfg.input_size, cfg.in_channels).astype(np.float32))
@@ -219,7 +229,9 @@ def main(argv=None):
     peak_n = 8192 if jax.devices()[0].platform == "gpu" else 2048
     jax_peak = benchmarking.jax_matmul_peak(n=peak_n, dtype=jnp.dtype(a.dtype))
     t0 = time.perf_counter()
-    ours_train, ours_sample, n_params = bench_ours(cfg, a, x0, cond)
+    ours_train, ours_sample, n_params, runs = bench_ours(cfg, a, x0, cond)
+    runs = {name: ("jax", fn) for name, fn in runs.items()}
+    torch_sync = None
     print(f"ours: {n_params / 1e6:.1f}M params; train step {ours_train['median_s'] * 1e3:.1f} ms "
           f"(compile {ours_train['first_call_s']:.1f} s), {a.sample_steps}-step CFG sampling "
           f"{ours_sample['median_s'] * 1e3:.1f} ms  [{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -249,7 +261,8 @@ def main(argv=None):
         torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_peak = benchmarking.torch_matmul_peak(n=peak_n, dtype=getattr(torch, a.dtype), device=torch_device)
         t0 = time.perf_counter()
-        ref_train, ref_sample, ref_params, threads = bench_torch(cfg, a, x0, cond)
+        ref_train, ref_sample, ref_params, threads, ref_runs, torch_sync = bench_torch(cfg, a, x0, cond)
+        runs.update({name: ("torch", fn) for name, fn in ref_runs.items()})
         print(f"torch: {ref_params / 1e6:.1f}M params; train step {ref_train['median_s'] * 1e3:.1f} ms, "
               f"sampling {ref_sample['median_s'] * 1e3:.1f} ms ({threads} threads)  "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -264,6 +277,9 @@ def main(argv=None):
         }
         result["train_speedup"] = ref_train["median_s"] / ours_train["median_s"]
         result["sample_speedup"] = ref_sample["median_s"] / ours_sample["median_s"]
+    if a.profile:
+        result["profile"] = profiling.profile_runs(a.profile, runs, calls=a.profile_calls,
+                                                   torch_sync=torch_sync or (lambda x: x))
     benchmarking.emit(result)
 
 

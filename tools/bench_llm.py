@@ -7,8 +7,9 @@
 Prefill: a batch of `prefill_len`-token prompts into a fresh KV cache, logits of the last token (what generation
 needs; transformers: `use_cache=True, logits_to_keep=1`). Decode: greedy generation of `decode_tokens` new tokens
 from a `decode_prompt`-token prompt, EOS disabled (transformers: `generate(do_sample=False, min_new_tokens=N)`;
-ours: `blip3o_jax.generation.generate`, one jitted `lax.while_loop`, on the weights in the unrolled layout that
-`generation.unrolled` gives and the sampler decodes with off TPU; `--decode_layout config` keeps `--scan_layers`).
+ours: `blip3o_jax.generation.generate`, one jitted `lax.while_loop`). Ours prefills and decodes on the weights in
+the unrolled layout that `generation.unrolled` gives and the sampler generates with off TPU (`--decode_layout
+config` keeps `--scan_layers` for both). `--profile DIR` adds per-op profiles of the four runs.
 Times are medians over rounds that alternate ours and transformers (a shared machine's load then hits both alike);
 the first call (compile for us) is reported separately. Analytic FLOPs count matmuls only (2 per multiply-add;
 causal attention counts the keys each query actually sees); the matmul peaks are measured in the same run. Decode
@@ -43,8 +44,8 @@ flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 flags.DEFINE_integer("iters", 3, "Timed rounds after the first call (median reported).")
 flags.DEFINE_bool("scan_layers", True, "Use nn.scan over layers (False: a Python loop of layers).")
 flags.DEFINE_enum("decode_layout", "unrolled", ["unrolled", "config"],
-                  "Layer layout of ours' decode: `unrolled` (generation.unrolled: what the sampler decodes with off "
-                  "TPU) or `config` (as --scan_layers says).")
+                  "Layer layout of ours' prefill and decode: `unrolled` (generation.unrolled: what the sampler "
+                  "generates with off TPU) or `config` (as --scan_layers says).")
 flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
                   "Size preset: `cpu` (the defaults above) or `gpu` (a ~0.9B-param 2048x16 model, batch 16, 1024-token "
                   "prefill, 64 decoded tokens, 5 rounds: enough work that an H100/H200 is not idle); flags given "
@@ -54,6 +55,10 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"],
                   "Ours' attention kernel (the models' `attention_impl`): xla, or cudnn (GPU flash attention, bf16 "
                   "only). transformers uses SDPA either way.")
+flags.DEFINE_string("profile", None,
+                    "Directory for per-op profiles of ours and transformers (traces, optimised HLO, per-op tables by "
+                    "kind: blip3o_jax/profiling.py), taken after the timed rounds; the timings are unaffected.")
+flags.DEFINE_integer("profile_calls", 3, "Profiled calls per run with --profile.")
 FLAGS = flags.FLAGS
 
 GPU_PRESET = dict(batch=16, prefill_len=1024, decode_prompt=64, decode_tokens=64, hidden=2048, layers=16, heads=16,
@@ -69,6 +74,10 @@ def apply_preset():
 
 
 def main(_):
+    if FLAGS.profile:
+        from blip3o_jax import profiling
+
+        profiling.enable_hlo_dump(FLAGS.profile)  # before the first compile
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -117,8 +126,9 @@ def main(_):
     @jax.jit
     def prefill(p, ids):
         cache = qwen.init_cache(cfg, ids.shape[0], ids.shape[1] + N, layers.to_dtype(cfg.dtype))
-        hidden, _, cache = module.apply({"params": p}, ids, cache=cache, compute_logits=False, method=module.forward)
-        return module.apply({"params": p}, hidden[:, -1:], method=module.lm_logits)[:, 0], cache
+        hidden, _, cache = dec_module.apply({"params": p}, ids, cache=cache, compute_logits=False,
+                                            method=dec_module.forward)
+        return dec_module.apply({"params": p}, hidden[:, -1:], method=dec_module.lm_logits)[:, 0], cache
 
     ids_dev = jnp.asarray(prefill_ids)
     prefill_t = torch.tensor(prefill_ids, dtype=torch.long, device=torch_device)
@@ -139,7 +149,7 @@ def main(_):
                                           max_new_tokens=N, min_new_tokens=N, do_sample=False))
 
     runs = {
-        "ours_prefill": lambda: jax.block_until_ready(prefill(params, ids_dev)),
+        "ours_prefill": lambda: jax.block_until_ready(prefill(dec_params, ids_dev)),
         "hf_prefill": hf_prefill,
         "ours_decode": lambda: jax.block_until_ready(generate(
             dec_module, dec_params, decode_ids, decode_mask, max_new_tokens=N, eos_token_id=None, pad_token_id=0)),
@@ -221,6 +231,12 @@ def main(_):
     print(f"decode bound: {weight_bytes / 1e6:.0f} MB of weights per step at {bandwidth / 1e9:.1f} GB/s measured "
           f"-> {decode_bound_s:.3f}s; ours {result['ours_decode_over_bandwidth_bound']:.2f}x the bound, transformers "
           f"{result['hf_decode_over_bandwidth_bound']:.2f}x", flush=True)
+    if FLAGS.profile:
+        from blip3o_jax import profiling
+
+        result["profile"] = profiling.profile_runs(
+            FLAGS.profile, {name: ("jax" if name.startswith("ours") else "torch", fn) for name, fn in runs.items()},
+            calls=FLAGS.profile_calls, torch_sync=torch_sync)
     benchmarking.emit(result)
 
 

@@ -57,7 +57,15 @@ def main(argv=None) -> None:
     p.add_argument("--torch_threads", type=int, default=None, help="default: all cores (as XLA's CPU backend)")
     p.add_argument("--quick", action="store_true", help="2 + 2 steps, batch 2, 1 round (a smoke run, not a "
                    "measurement)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="write per-op profiles of ours and the reference to DIR (traces, optimised HLO, per-op tables "
+                        "by kind; blip3o_jax/profiling.py), taken after the timed rounds")
+    p.add_argument("--profile_calls", "--profile-calls", type=int, default=1, help="profiled calls per run")
     a = p.parse_args(argv)
+    if a.profile:
+        from blip3o_jax import profiling
+
+        profiling.enable_hlo_dump(a.profile)  # before the first compile
     if a.quick:
         a.dit_steps, a.decoder_steps, a.batch, a.iters = 2, 2, 2, 1
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -134,6 +142,10 @@ def main(argv=None) -> None:
     print(f"  speed-up {ours_ips / ref_ips:.2f}x (median of per-round ratios {t['ratio']:.2f}x); "
           f"mean |ours - ref| {diff.mean():.3f} grey levels, max {int(diff.max())}")
     print(f"  f32 matmul peak ({peak_n}^3): jax {jax_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s")
+    profile = None
+    if a.profile:
+        profile = profiling.profile_runs(a.profile, {"ours_t2i": ("jax", ours), "torch_t2i": ("torch", reference)},
+                                         calls=a.profile_calls)
     if tmp is not None:
         tmp.cleanup()
     benchmarking.emit({
@@ -148,6 +160,7 @@ def main(argv=None) -> None:
         "jax_matmul_peak_gflops": jax_peak / 1e9, "torch_matmul_peak_gflops": torch_peak / 1e9,
         "t2i_speedup_median_of_rounds": t["ratio"],
         "t2i_speedup": ours_ips / ref_ips,
+        **({"profile": profile} if profile else {}),
     })
 
 

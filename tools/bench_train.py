@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blip3o_jax import benchmarking  # noqa: E402
+from blip3o_jax import benchmarking, profiling  # noqa: E402
 from blip3o_jax import sharding as shd  # noqa: E402
 from blip3o_jax.data import pipeline as data_pipeline  # noqa: E402
 from blip3o_jax.training import metrics as metrics_lib  # noqa: E402
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     benchmarking.add_accelerator_flags(
         p, GPU_PRESET, "compute dtype of both sides; bfloat16 also stores the frozen backbone in bf16 (trainable "
                         "parameters and optimizer state stay fp32)")
+    benchmarking.add_profile_flags(p)
     return benchmarking.parse_with_preset(p, argv, GPU_PRESET)
 
 
@@ -305,6 +306,8 @@ def run_modes(a):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.profile:
+        profiling.enable_hlo_dump(a.profile)  # before the first compile
     if a.modes:
         return run_modes(a)
     config = make_config(a)
@@ -382,6 +385,11 @@ def main(argv=None):
     if ref is not None:
         print(f"torch: {1 / s_ref:.2f} steps/s ({flops_step / s_ref / 1e9:.1f} GFLOP/s, "
               f"{flops_step / s_ref / peak_torch:.0%} of peak); speedup {result['speedup_vs_torch']:.2f}x")
+    if a.profile:
+        runs = {"ours_step": ("jax", ours)}
+        if ref is not None:
+            runs["torch_step"] = ("torch", ref)
+        result["profile"] = profiling.profile_runs(a.profile, runs, calls=a.profile_calls)
     benchmarking.emit(result)
 
 

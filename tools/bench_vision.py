@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blip3o_jax import convert, models  # noqa: E402
+from blip3o_jax import convert, models, profiling  # noqa: E402
 from blip3o_jax.benchmarking import block, emit, jax_matmul_peak, torch_matmul_peak  # noqa: E402
 from blip3o_jax.models.eva_clip import EvaClipConfig  # noqa: E402
 
@@ -72,7 +72,8 @@ def bench_eva(args, torch):
     import test_eva_clip as ref_lib
 
     cfg = EvaClipConfig(image_size=args.image_size, patch_size=args.patch, width=args.width, layers=args.depth,
-                        head_width=args.head_width, mlp_ratio=args.mlp_ratio, dtype=args.dtype, param_dtype=args.dtype)
+                        head_width=args.head_width, mlp_ratio=args.mlp_ratio, dtype=args.dtype, param_dtype=args.dtype,
+                        scan_layers=args.scan)
     ref = ref_lib.randomize(ref_lib.RefEVAVisionTransformer(cfg), std=0.02).eval()
 
     def sdpa_forward(self, x):  # same math as the reference's explicit softmax, through torch's fused kernel
@@ -98,7 +99,8 @@ def bench_eva(args, torch):
     flops = vit_flops(cfg.num_patches + 1, cfg.width, cfg.layers, cfg.mlp_dim, 3 * cfg.patch_size**2, cfg.num_patches)
     full = EvaClipConfig()
     full_flops = vit_flops(full.num_patches + 1, full.width, full.layers, full.mlp_dim, 3 * full.patch_size**2, full.num_patches)
-    return cfg, times, flops, full_flops, max_rel
+    runs = {"ours_eva": ("jax", lambda: fwd(params, x)), "torch_eva": ("torch", torch.inference_mode()(lambda: ref(images_t)))}
+    return cfg, times, flops, full_flops, max_rel, runs
 
 
 def bench_siglip(args, torch):
@@ -110,7 +112,7 @@ def bench_siglip(args, torch):
     hf_cfg._attn_implementation = "sdpa"
     ref = SiglipVisionModel(hf_cfg).eval()
     cfg = models.config_from_hf("siglip_vision", hf_cfg.to_dict())
-    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
+    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype, scan_layers=args.scan)
     params = convert.from_torch("siglip_vision", {k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(args.dtype)), params)
     images = np.random.default_rng(0).normal(size=(args.batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
@@ -123,7 +125,9 @@ def bench_siglip(args, torch):
     n = cfg.num_patches
     # separate q/k/v projections have the same FLOPs as a fused one
     flops = vit_flops(n, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, 3 * cfg.patch_size**2, n)
-    return cfg, times, flops
+    runs = {"ours_siglip": ("jax", lambda: fwd(params, x)),
+            "torch_siglip": ("torch", torch.inference_mode()(lambda: ref(pixel_values=images_t).last_hidden_state))}
+    return cfg, times, flops, runs
 
 
 def main():
@@ -143,11 +147,20 @@ def main():
     ap.add_argument("--siglip_mlp", "--siglip-mlp", type=int, default=3072, help="SigLIP MLP width")
     ap.add_argument("--siglip_image_size", "--siglip-image-size", type=int, default=224, help="SigLIP input side, px")
     ap.add_argument("--siglip_patch", "--siglip-patch", type=int, default=16, help="SigLIP patch side, px")
+    ap.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                    help="scan ours' layers (nn.scan; the accelerator configs' default). Default: unrolled, as the CPU "
+                         "configs: in a scanned stack XLA:CPU copies each layer's weights out of the stack")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="write per-op profiles of ours and the reference to DIR (traces, optimised HLO, per-op "
+                         "tables by kind; blip3o_jax/profiling.py), taken after the timed runs")
+    ap.add_argument("--profile_calls", "--profile-calls", type=int, default=3, help="profiled calls per run")
     args = ap.parse_args()
+    if args.profile:
+        profiling.enable_hlo_dump(args.profile)  # before the first compile
 
     import torch
 
-    result = {"bench": "vision", "device": str(jax.devices()[0].device_kind), "jax_backend": jax.default_backend(),
+    result = {"bench": "vision", "scan": args.scan, "device": str(jax.devices()[0].device_kind), "jax_backend": jax.default_backend(),
               "torch_threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch, "iters": args.iters}
     peaks = [(jax_matmul_peak(dtype=jnp.dtype(args.dtype)), torch_matmul_peak())]
 
@@ -158,14 +171,15 @@ def main():
                 "ours_gflops_per_s": ips_o * flops / 1e9, "ref_gflops_per_s": ips_t * flops / 1e9,
                 "ours_first_call_s": times["ours_first_call_s"], "ref_first_call_s": times["ref_first_call_s"]}
 
-    cfg, times, flops, full_flops, max_rel = bench_eva(args, torch)
+    cfg, times, flops, full_flops, max_rel, runs = bench_eva(args, torch)
     eva = section({"width": cfg.width, "depth": cfg.layers, "heads": cfg.num_heads, "mlp": cfg.mlp_dim,
                    "image": cfg.image_size, "patch": cfg.patch_size, "tokens": cfg.num_patches + 1}, times, flops)
     eva.update(max_rel_diff_vs_ref=max_rel, eva_clip_e_448_gflops_per_image=full_flops / 1e9,
                eva_clip_e_448_s_per_image_at_ours_rate=full_flops / (eva["ours_gflops_per_s"] * 1e9))
     result["eva"] = eva
     if args.siglip_depth > 0:
-        scfg, stimes, sflops = bench_siglip(args, torch)
+        scfg, stimes, sflops, siglip_runs = bench_siglip(args, torch)
+        runs.update(siglip_runs)
         result["siglip"] = section({"width": scfg.hidden_size, "depth": scfg.num_hidden_layers,
                                     "mlp": scfg.intermediate_size, "image": scfg.image_size, "patch": scfg.patch_size,
                                     "tokens": scfg.num_patches}, stimes, sflops)
@@ -183,6 +197,8 @@ def main():
                   f"{100 * r['ours_frac_of_jax_peak']:.0f}% of jax peak), reference {r['ref_images_per_s']:.2f} img/s "
                   f"({r['ref_gflops_per_s']:.0f} GFLOP/s, {100 * r['ref_frac_of_torch_peak']:.0f}% of torch peak), "
                   f"speedup {r['speedup_median_of_rounds']:.2f}x", flush=True)
+    if args.profile:
+        result["profile"] = profiling.profile_runs(args.profile, runs, calls=args.profile_calls)
     emit(result)
 
 
