@@ -85,6 +85,8 @@ def _configure_environment(argv) -> None:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         # compile-only, no TPU touched: several plans may run at once (libtpu otherwise holds /tmp/libtpu_lockfile)
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        # the models' TPU layout choices (layers.target_platform), though jax's default backend here is the CPU
+        os.environ["BLIP3O_TARGET_PLATFORM"] = "tpu"
     elif platform == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
         n = int(_pre_parse(argv, "num-devices", _pre_parse(argv, "num_devices", "8")))

@@ -1,6 +1,8 @@
 """Building blocks shared by the model files: partitioned dense layers, norms, attention, dtype policy."""
 from __future__ import annotations
 
+import os
+
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -32,6 +34,13 @@ def partitioned(init: Callable, names: Sequence[str | None]):
     return nn.with_logical_partitioning(init, tuple(unique))
 
 
+def target_platform() -> str:
+    """The platform the program being traced is for: `BLIP3O_TARGET_PLATFORM` where set (the AOT tools set it when
+    they compile for a TPU topology on a CPU host), else jax's default backend. Layout choices only: the math is
+    the same on every platform."""
+    return os.environ.get("BLIP3O_TARGET_PLATFORM") or jax.default_backend()
+
+
 class Dense(nn.Module):
     """Linear layer whose kernel is (in, out) = torch weight.T, annotated with logical axis names."""
 
@@ -50,9 +59,10 @@ class Dense(nn.Module):
             "kernel", partitioned(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features), self.param_dtype
         )
         # as one 2-D matmul: XLA:CPU runs the backward's weight gradient of a (B, L, D) input (a contraction over
-        # two dims) ~1.7x slower than over one merged dim. Merging is a bitcast on CPU and GPU, and on TPU when L
-        # is a multiple of the (8|16, 128) tile's rows; other lengths (EVA's 1025 tokens) stay 3-D
-        merge = x.ndim > 2 and x.shape[-2] % 16 == 0
+        # two dims) ~1.7x slower than over one merged dim, and a 3-D forward slower too. Merging is a bitcast on
+        # CPU and GPU, and on TPU when L is a multiple of the (8|16, 128) tile's rows; there other lengths (EVA's
+        # 1025 tokens) stay 3-D
+        merge = x.ndim > 2 and (x.shape[-2] % 16 == 0 or target_platform() != "tpu")
         lead = x.shape[:-1]
         y = jnp.dot((x.reshape(-1, x.shape[-1]) if merge else x).astype(self.dtype), kernel.astype(self.dtype),
                     precision=self.precision)
