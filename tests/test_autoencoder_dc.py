@@ -6,6 +6,8 @@ normals. Outputs compared channels-last: max|ours - ref| <= 1e-4 * max|ref|.
 """
 from __future__ import annotations
 
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -141,6 +143,38 @@ def test_encode_decode_match_diffusers(case, models_by_name, apply_fns):
     assert got_latent.shape == (2, size // f, size // f, cfg.latent_channels)
     assert_close(got_latent, want_latent, what=f"{case} encode")
     assert_close(got_image, want_image, what=f"{case} decode")
+
+
+def grouped_convs(fn, *args) -> list[int]:
+    """feature_group_count of every grouped convolution in fn's program (nested jaxprs included)."""
+    counts = re.findall(r"feature_group_count=(\d+)", str(jax.make_jaxpr(fn)(*args)))
+    return [int(n) for n in counts if int(n) > 1]
+
+
+def test_depthwise_shifts_match_diffusers(models_by_name, apply_fns):
+    """depthwise_impl="shifts" (the GLUMBConv 3x3 and multiscale 5x5 depthwise convolutions as sums of shifted
+    slices, the XLA:CPU form) on B at 32 px: encode and decode as diffusers, with no grouped convolution left."""
+    ref, cfg, params, _ = models_by_name["B"]
+    shifts = models.config_from_hf(KIND, {**dict(ref.config), "depthwise_impl": "shifts"})
+    conv = models.config_from_hf(KIND, {**dict(ref.config), "depthwise_impl": "conv"})
+    assert shifts.depthwise_impl == "shifts" and cfg.depthwise_impl == "auto"  # the default: shifts on this CPU
+    images = randn((2, 32, 32, cfg.in_channels), seed=42)
+    latents = randn((2, 8, 8, cfg.latent_channels), seed=43)
+    with torch.no_grad():
+        want_latent = nhwc(ref.encode(nchw(images)).latent)
+        want_image = nhwc(ref.decode(nchw(latents)).sample)
+    err_latent = assert_close(apply_fns(shifts, "encode")(params, images), want_latent, what="B32 shifts encode")
+    err_image = assert_close(apply_fns(shifts, "decode")(params, latents), want_image, what="B32 shifts decode")
+    print(f"[rel] B32 depthwise shifts: encode {err_latent:.3g}, decode {err_image:.3g}")
+    for method, x in (("encode", images), ("decode", latents)):
+        def program(c, method=method):
+            module = models.build(KIND, c)
+            return lambda p, x_: module.apply({"params": p}, x_, method=method)
+
+        assert grouped_convs(program(shifts), params, x) == [], method
+        assert grouped_convs(program(cfg), params, x) == [], method  # "auto" on a CPU program
+        # B's EfficientViT stage: 2 blocks x (GLUMBConv 3x3 over 8 * 32 channels, multiscale 5x5 over 3 * 32)
+        assert sorted(grouped_convs(program(conv), params, x)) == [96, 96, 256, 256], method
 
 
 def test_call_is_encode_then_decode(models_by_name):

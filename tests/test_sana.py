@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,43 @@ def test_bf16_policy_close_to_fp32_reference():
     assert got.dtype == jnp.float32
     err = assert_close(got, c["want"], rel=2e-2, what="model bf16 (heads 2x16, caption mask)")
     assert err > 1e-5  # the policy really computes in bf16
+
+
+def grouped_convs(fn, *args) -> list[int]:
+    """feature_group_count of every grouped convolution in fn's program (nested jaxprs included)."""
+    counts = re.findall(r"feature_group_count=(\d+)", str(jax.make_jaxpr(fn)(*args)))
+    return [int(n) for n in counts if int(n) > 1]
+
+
+def test_depthwise_shifts_parity_and_gradient():
+    """depthwise_impl="shifts" (GLUMBConv's depthwise conv as a sum of shifted slices, the XLA:CPU form): the whole
+    model equals diffusers with no grouped convolution left in its program, and its gradient (the shifted sum's own
+    VJP, inside scanned and rematerialised blocks) equals that of XLA's grouped convolution."""
+    c = build_case("base")
+    cfg = dataclasses.replace(c["cfg"], remat=True)
+    latents, timesteps, captions, mask = c["inputs"]
+    by_impl = {impl: SANA.build(dataclasses.replace(cfg, depthwise_impl=impl)) for impl in ("conv", "shifts")}
+
+    def forward(module):
+        return lambda p, x: module.apply({"params": p}, x, timesteps, captions, mask)
+
+    got = jax.jit(forward(by_impl["shifts"]))(c["params"], latents)
+    assert_close(got, c["want"], what="model base, depthwise shifts")
+    assert grouped_convs(forward(by_impl["shifts"]), c["params"], latents) == []
+    assert grouped_convs(forward(by_impl["conv"]), c["params"], latents) == [2 * cfg.ff_hidden]  # one scanned body
+
+    cotangent = np.random.RandomState(7).randn(*c["want"].shape).astype(np.float32)
+    grads = {impl: jax.jit(jax.grad(lambda p, x, f=forward(m): jnp.sum(f(p, x) * cotangent), argnums=(0, 1)))(
+        c["params"], latents) for impl, m in by_impl.items()}
+    # per leaf, max|diff| over max|reference leaf|, floored at 1e-3 of the largest gradient: attn2's key bias has an
+    # exactly zero gradient (a softmax is invariant to a shift shared by all keys), here float noise on both sides
+    flat_conv = jax.tree_util.tree_leaves_with_path(grads["conv"])
+    flat_shifts = jax.tree.leaves(grads["shifts"])
+    floor = 1e-3 * max(float(jnp.abs(g).max()) for _, g in flat_conv)
+    worst = max((float(jnp.abs(s_ - c_).max()) / max(float(jnp.abs(c_).max()), floor), jax.tree_util.keystr(path))
+                for (path, c_), s_ in zip(flat_conv, flat_shifts))
+    print(f"[rel] gradient, depthwise shifts vs conv: worst leaf {worst[1]} {worst[0]:.3g}")
+    assert worst[0] <= 1e-4, worst
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ Four pieces of the two BLIP3-o image decoders, each at a mid-size config of the 
   dcae_decode  the DC-AE `AutoencoderDC` decoder (f32c32 layout: ResBlock x 3 + EfficientViT x 3 stages), one image
 
 The diffusers module is built from constructor kwargs (random weights moved off their init), ours gets its state
-dict through `convert.from_torch`; both run in fp32 on the same inputs. Reported per piece: median seconds per call
-over `--iters` rounds that alternate ours and the reference (load changes on a shared machine hit both alike;
-`block_until_ready` before the clock stops), the median of the per-round ratios as `<piece>_speedup` = reference
-time / our time (> 1: ours is faster), our compile time, the FLOPs of one call from XLA's cost analysis of our
-compiled program (layers unrolled, so every layer is counted; 2 FLOPs per multiply-add), the achieved FLOP/s of each
-side and the fraction of each framework's f32 matmul peak measured in the same run (before and after; the larger),
-and the max |ours - reference| / max |reference| of the outputs (same weights: a sanity check, not a parity test).
+dict through `convert.from_torch`; both run in fp32 on the same inputs. Ours computes SANA's and DC-AE's depthwise
+convolutions as sums of shifted slices (`depthwise_impl="shifts"`, XLA:CPU's fast form; `--depthwise_impl conv`:
+XLA's grouped convolution, the accelerator default). Reported per piece: median seconds per call over `--iters`
+rounds that alternate ours and the reference (load changes on a shared machine hit both alike; `block_until_ready`
+before the clock stops), the median of the per-round ratios as `<piece>_speedup` = reference time / our time (> 1:
+ours is faster), our compile time, the FLOPs of one call from XLA's cost analysis of our compiled program (layers
+unrolled, so every layer is counted; 2 FLOPs per multiply-add), the achieved FLOP/s of each side and the fraction of
+each framework's f32 matmul peak measured in the same run (before and after; the larger), and the
+max |ours - reference| / max |reference| of the outputs (same weights: a sanity check, not a parity test).
 
 On a machine shared with other jobs the absolute figures are noisy; the interleaved rounds keep the ratio fairer.
 Last line: one JSON object.
@@ -25,6 +27,7 @@ Last line: one JSON object.
   python tools/bench_decoder.py                  # mid-size configs, ~0.1-1 s per call on 2 cores; a few minutes
   python tools/bench_decoder.py --parts sana_step,dcae_decode --iters 3
   python tools/bench_decoder.py --quick          # tiny configs (the test)
+  python tools/bench_decoder.py --depthwise_impl conv   # ours' depthwise convs as XLA's grouped convolution
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blip3o_jax import benchmarking, convert, models  # noqa: E402
+from blip3o_jax import benchmarking, convert, models, profiling  # noqa: E402
 
 PARTS = ("unet_step", "vae_decode", "sana_step", "dcae_decode")
 
@@ -107,6 +110,11 @@ def parse_args(argv=None):
     p.add_argument("--scan", action="store_true",
                    help="nn.scan the transformer blocks in ours (the accelerator default); default unrolled, as on "
                         "CPU configs")
+    p.add_argument("--depthwise_impl", choices=("shifts", "conv"), default="shifts",
+                   help="ours' SANA / DC-AE depthwise convolutions (the configs' depthwise_impl): shifts (a sum of "
+                        "shifted slices, the fast form on XLA:CPU) or conv (XLA's grouped convolution, the "
+                        "accelerator default)")
+    benchmarking.add_profile_flags(p)
     a = p.parse_args(argv)
     a.parts = [s.strip() for s in a.parts.split(",") if s.strip()]
     unknown = [s for s in a.parts if s not in PARTS]
@@ -165,7 +173,7 @@ def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
-def build_piece(name: str, spec, scan: bool, seed: int) -> Piece:
+def build_piece(name: str, spec, scan: bool, seed: int, depthwise_impl: str = "shifts") -> Piece:
     import diffusers
     import torch
 
@@ -177,6 +185,8 @@ def build_piece(name: str, spec, scan: bool, seed: int) -> Piece:
         torch.manual_seed(seed)
         ref = _perturbed(cls(**kwargs), seed)
         hf = dict(ref.config)
+        if kind == "sana":
+            hf["depthwise_impl"] = depthwise_impl
         cfg, cfg_unrolled = (models.config_from_hf(kind, {**hf, "scan_layers": s}) for s in (scan, False))
         params = jax.device_put(convert.from_torch(kind, _state_dict(ref), cfg))
         module = models.build(kind, cfg)
@@ -218,7 +228,10 @@ def build_piece(name: str, spec, scan: bool, seed: int) -> Piece:
             ("autoencoder_dc", diffusers.AutoencoderDC)
         torch.manual_seed(seed)
         ref = _perturbed(cls(**kwargs), seed)
-        cfg = models.config_from_hf(kind, dict(ref.config))
+        hf = dict(ref.config)
+        if kind == "autoencoder_dc":
+            hf["depthwise_impl"] = depthwise_impl
+        cfg = models.config_from_hf(kind, hf)
         params = jax.device_put(convert.from_torch(kind, _state_dict(ref), cfg))
         module = models.build(kind, cfg)
         latents = rs.randn(batch, side, side, kwargs["latent_channels"]).astype(np.float32)
@@ -252,23 +265,31 @@ def run_piece(piece: Piece, iters: int) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.profile:
+        profiling.enable_hlo_dump(a.profile)  # before the first compile
     import torch
 
     specs = QUICK if a.quick else MID
     result = {"benchmark": "decoder", "quick": a.quick, "device": jax.devices()[0].device_kind,
               "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "iters": a.iters,
-              "scan_layers": a.scan, "flops_source": "XLA cost analysis of our compiled program (unrolled)"}
+              "scan_layers": a.scan, "depthwise_impl": a.depthwise_impl,
+              "flops_source": "XLA cost analysis of our compiled program (unrolled)"}
     n = 1024 if a.quick else 2048  # matmul side of the peak measurement
     peaks = [(benchmarking.jax_matmul_peak(n), benchmarking.torch_matmul_peak(n))]
     for i, name in enumerate(a.parts):
         t0 = time.perf_counter()
-        piece = build_piece(name, specs[name], a.scan, seed=i)
+        piece = build_piece(name, specs[name], a.scan, seed=i, depthwise_impl=a.depthwise_impl)
         r = run_piece(piece, a.iters)
         result[name] = r
         print(f"{name:12s} {r['gflops_per_call']:7.2f} GFLOP/call: ours {1e3 * r['ours_s']:8.1f} ms "
               f"({r['ours_gflops_per_s']:5.0f} GFLOP/s, compile {r['ours_compile_s']:.1f} s), diffusers "
               f"{1e3 * r['ref_s']:8.1f} ms ({r['ref_gflops_per_s']:5.0f} GFLOP/s), speed-up {r['speedup']:.2f}x, "
               f"max rel diff {r['max_rel_diff_vs_ref']:.1e}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        if a.profile:
+            with torch.inference_mode():
+                r["profile"] = profiling.profile_runs(
+                    a.profile, {f"ours_{name}": ("jax", piece.ours), f"torch_{name}": ("torch", piece.ref)},
+                    calls=a.profile_calls)
     # the peaks again after the work: on a shared machine the larger of the two is the better hardware estimate
     peaks.append((benchmarking.jax_matmul_peak(n), benchmarking.torch_matmul_peak(n)))
     jax_peak, torch_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)

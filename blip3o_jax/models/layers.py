@@ -118,6 +118,162 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Depthwise convolution. XLA:CPU does not lower a convolution with feature_group_count == channels to a fast kernel
+# (jax 0.10.2, on SANA's and DC-AE's shapes: 12-40x slower than the shifted sum below, its gradient ~100x), while
+# oneDNN's depthwise kernel serves PyTorch. On TPU/GPU XLA's convolution is the fast one: the choice is a config field,
+# "auto" (the default) picks by the target platform.
+
+DEPTHWISE_IMPLS = ("auto", "conv", "shifts")
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """"auto" -> "shifts" when the program is for a CPU (`target_platform`), else "conv"; others as given."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise_impl={impl!r}; expected one of {DEPTHWISE_IMPLS}")
+    if impl == "auto":
+        return "shifts" if target_platform() == "cpu" else "conv"
+    return impl
+
+
+def _depthwise_padding(padding) -> tuple[tuple[int, int], tuple[int, int]]:
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    try:
+        (top, bottom), (left, right) = padding
+        pads = ((int(top), int(bottom)), (int(left), int(right)))
+    except (TypeError, ValueError):
+        expected = "an int or ((top, bottom), (left, right))"
+        raise ValueError(f"depthwise_conv2d: padding={padding!r}; expected {expected}") from None
+    if min(pads[0] + pads[1]) < 0:
+        raise ValueError(f"depthwise_conv2d: padding={padding!r} must not be negative")
+    return pads
+
+
+def _depthwise_windows(x, kernel_hw, stride: int, padding):
+    """The kh*kw shifted (and strided) windows of the zero-padded input, each (B, H_out, W_out, C), with their tap
+    (i, j): output pixel (r, s) of tap (i, j) reads padded pixel (stride*r + i, stride*s + j)."""
+    kh, kw = kernel_hw
+    (top, bottom), (left, right) = padding
+    b, h, w, c = x.shape
+    h_out, w_out = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"depthwise_conv2d: a {kh}x{kw} kernel does not fit the padded {h}x{w} input "
+                         f"(padding {padding})")
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    for i in range(kh):
+        for j in range(kw):
+            end = (b, i + stride * (h_out - 1) + 1, j + stride * (w_out - 1) + 1, c)
+            yield i, j, jax.lax.slice(padded, (0, i, j, 0), end, (1, stride, stride, 1))
+
+
+def _depthwise_sum(x, kernel, stride: int, padding):
+    """sum over taps of window * kernel[i, j, 0]: elementwise work that XLA fuses into one loop over the output;
+    accumulated in float32, returned in the inputs' dtype."""
+    weights = kernel.astype(jnp.float32)
+    out = None
+    for i, j, window in _depthwise_windows(x, kernel.shape[:2], stride, padding):
+        term = window.astype(jnp.float32) * weights[i, j, 0]
+        out = term if out is None else out + term
+    return out.astype(jnp.result_type(x, kernel))
+
+
+def _depthwise_kernel_grad(x, cotangent, kernel_hw, stride: int, padding):
+    """d kernel[i, j, 0, c] = sum over (b, r, s) of padded x[b, stride*r + i, stride*s + j, c] * cotangent[b, r, s, c].
+
+    One output row per scan step: the kh*kw products of a row are reduced while its kh input rows are in cache.
+    Autodiff of the sum instead emits kh*kw separate whole-array reductions (one pass over x and the cotangent
+    each), which XLA:CPU runs ~2x slower."""
+    kh, kw = kernel_hw
+    (top, bottom), (left, right) = padding
+    _, h_out, w_out, c = cotangent.shape
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).astype(jnp.float32)
+    cotangent = cotangent.astype(jnp.float32)
+
+    def row(acc, r):
+        rows = jax.lax.dynamic_slice_in_dim(padded, stride * r, kh, axis=1)  # (B, kh, W_padded, C)
+        g = jax.lax.dynamic_index_in_dim(cotangent, r, axis=1, keepdims=False)  # (B, W_out, C)
+        taps = [jnp.sum(jax.lax.slice_in_dim(rows[:, i], j, j + stride * (w_out - 1) + 1, stride, axis=1) * g,
+                        axis=(0, 1)) for i in range(kh) for j in range(kw)]
+        return acc + jnp.stack(taps), None
+
+    acc, _ = jax.lax.scan(row, jnp.zeros((kh * kw, c), jnp.float32), jnp.arange(h_out))
+    return acc.reshape(kh, kw, 1, c)
+
+
+def _depthwise_fwd(x, kernel, stride, padding):
+    return _depthwise_sum(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_bwd(stride, padding, residuals, cotangent):
+    x, kernel = residuals
+    # the input's gradient is linear in the cotangent: XLA's transpose of the windows (pads of cotangent * weight,
+    # summed) is already one fused loop
+    _, input_vjp = jax.vjp(lambda x_: _depthwise_sum(x_, kernel, stride, padding), x)
+    (dx,) = input_vjp(cotangent)
+    dk = _depthwise_kernel_grad(x, cotangent, kernel.shape[:2], stride, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_shifts = jax.custom_vjp(_depthwise_sum, nondiff_argnums=(2, 3))
+_depthwise_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv2d(x, kernel, *, stride: int = 1, padding):
+    """Depthwise 2-D convolution as a sum of kh*kw shifted slices of the padded input times per-channel weights.
+
+    x (B, H, W, C) channels-last; kernel (kh, kw, 1, C), as flax `nn.Conv(features=C, feature_group_count=C)`
+    stores it (torch's (C, 1, kh, kw) weight transposed). `padding`: an int (every side) or ((top, bottom),
+    (left, right)). Equals `jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C)` up to float rounding (products summed in
+    float32, result in the inputs' dtype), and is elementwise over channels, so a channel-sharded input stays
+    sharded. Its gradient is a custom VJP (see `_depthwise_kernel_grad`)."""
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
+        raise ValueError(f"depthwise_conv2d: input {tuple(x.shape)} and kernel {tuple(kernel.shape)}; expected "
+                         f"(B, H, W, C) and (kh, kw, 1, C)")
+    if int(stride) < 1:
+        raise ValueError(f"depthwise_conv2d: stride={stride} must be >= 1")
+    return _depthwise_shifts(x, kernel, int(stride), _depthwise_padding(padding))
+
+
+class DepthwiseConv(nn.Module):
+    """torch `nn.Conv2d(C, C, k, stride, padding, groups=C)` channels-last, with the parameters of the flax
+    `nn.Conv(C, (k, k), feature_group_count=C)` it stands in for: `kernel` (k, k, 1, C) and `bias` (C,), the channel
+    axis named `axis_name`; C is the input's channel count.
+
+    `impl`: "conv" = XLA's grouped convolution (what nn.Conv computes; fast on TPU/GPU), "shifts" =
+    `depthwise_conv2d` (fast on XLA:CPU), "auto" = shifts for a CPU program, else conv (`resolve_depthwise_impl`)."""
+
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = True
+    impl: str = "auto"
+    axis_name: str | None = "mlp"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = torch_linear_init(fan_in_axes=3)
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        impl = resolve_depthwise_impl(self.impl)
+        c, k, s = x.shape[-1], self.kernel_size, self.stride
+        kernel = self.param("kernel", partitioned(self.kernel_init, (None, None, None, self.axis_name)), (k, k, 1, c),
+                            self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        pads = ((self.padding, self.padding), (self.padding, self.padding))
+        if impl == "shifts":
+            y = depthwise_conv2d(x, kernel, stride=s, padding=pads)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=c)
+        if self.use_bias:
+            bias = self.param("bias", partitioned(self.bias_init, (self.axis_name,)), (c,), self.param_dtype)
+            y = y + bias.astype(self.dtype).reshape(1, 1, 1, c)  # as nn.Conv: the "conv" program is unchanged
+        return y
+
+
 def attention(
     query,  # (B, Lq, H, D)
     key,  # (B, Lk, Hkv, D)
