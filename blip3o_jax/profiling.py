@@ -357,12 +357,13 @@ def print_side_by_side(summaries: dict[str, dict]) -> None:
     """One line per kind: ms per call of each profiled run (ours and the reference next to each other)."""
     names = list(summaries)
     kinds = [k for k in KINDS if any(k in s["by_kind_ms"] for s in summaries.values())]
+    w = max([16] + [len(n) + 2 for n in names])
     print("profile (ms per call, ops' self time by kind):", flush=True)
-    print(f"  {'kind':22s}" + "".join(f"{n:>16s}" for n in names))
+    print(f"  {'kind':22s}" + "".join(f"{n:>{w}s}" for n in names))
     for k in kinds:
-        print(f"  {k:22s}" + "".join(f"{summaries[n]['by_kind_ms'].get(k, 0.0):16.2f}" for n in names))
-    print(f"  {'all ops':22s}" + "".join(f"{summaries[n]['ops_ms']:16.2f}" for n in names))
-    print(f"  {'wall':22s}" + "".join(f"{summaries[n]['wall_ms']:16.2f}" for n in names))
+        print(f"  {k:22s}" + "".join(f"{summaries[n]['by_kind_ms'].get(k, 0.0):{w}.2f}" for n in names))
+    print(f"  {'all ops':22s}" + "".join(f"{summaries[n]['ops_ms']:{w}.2f}" for n in names))
+    print(f"  {'wall':22s}" + "".join(f"{summaries[n]['wall_ms']:{w}.2f}" for n in names))
     for n in names:
         print(f"  {n}: {summaries[n]['table']}", flush=True)
 
