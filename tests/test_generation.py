@@ -1,11 +1,14 @@
 """Text generation: greedy decoding token-identical to transformers, EOS/padding, sampling, embeddings + M-RoPE."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from blip3o_jax import convert, models
+from blip3o_jax import convert, models, pretrained
+from blip3o_jax.models import registry
 from blip3o_jax.generation import generate, sample_top_p
 
 from qwen_reference import padded_batch, reference, text_state_dict
@@ -119,19 +122,28 @@ def test_top_p_keeps_the_nucleus_only():
     np.testing.assert_allclose(counts[[1, 3]], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
 
 
-@pytest.mark.parametrize("name", ["qwen3_untied", "vl_untied"])
+@pytest.mark.parametrize("name", NAMES)
 def test_unrolled_decode_layout_same_tokens(models_and_prompts, name):
     """generation.unrolled: the per-layer weight layout decodes to the same tokens as transformers (and so as the
-    scanned layout above), and really is unrolled."""
+    scanned layout above), and really is unrolled; on a CPU a tied LM head gets its own transposed copy."""
     from blip3o_jax.generation import unrolled
 
     kind, cfg, model, params, ids, mask = models_and_prompts[name]
-    assert cfg.scan_layers, "the fixture's config is scanned: this test checks the conversion to unrolled"
+    if not cfg.scan_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=True)
+        params = pretrained.relayout(params, jax.eval_shape(lambda: models.build(kind, cfg).init(
+            jax.random.PRNGKey(0), *registry.get(kind).init_args(cfg)[0]))["params"])
     module, flat = unrolled(kind, cfg, params)
     assert not module.cfg.scan_layers
     keys = "/".join(str(k) for path, _ in jax.tree_util.tree_flatten_with_path(flat)[0] for k in path)
     assert "layers_0" in keys and f"layers_{cfg.num_hidden_layers - 1}" in keys
-    assert sum(a.size for a in jax.tree.leaves(flat)) == sum(a.size for a in jax.tree.leaves(params))
+    size = lambda tree: sum(a.size for a in jax.tree.leaves(tree))  # noqa: E731
+    if cfg.tie_word_embeddings:  # this session's backend is the CPU
+        assert not module.cfg.tie_word_embeddings and "lm_head" in flat
+        np.testing.assert_array_equal(flat["lm_head"]["kernel"], np.asarray(params["embed_tokens"]["embedding"]).T)
+        assert size(flat) == size(params) + cfg.vocab_size * cfg.hidden_size
+    else:
+        assert size(flat) == size(params)
     never = [cfg.vocab_size + 5]
     ours = np.asarray(generate(module, flat, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=never,
                                pad_token_id=PAD))
