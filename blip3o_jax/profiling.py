@@ -325,7 +325,7 @@ def profile_python(name: str, fn: Callable[[], Any], out_dir: str, *, top: int =
 
 
 def _write_table(name: str, rows: list[OpRow], wall_s: float, calls: int, out_dir: str, *, framework: str,
-                 top: int = 40) -> dict:
+                 top: int = 60) -> dict:
     rows = sorted(rows, key=lambda r: -r.self_us)
     total_us = sum(r.self_us for r in rows) or 1.0
     by_kind = collections.Counter()
