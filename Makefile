@@ -15,9 +15,10 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 # two workers (files kept together, so module fixtures are built once): most tests are bound by XLA's
-# single-threaded compiles, which two workers overlap
+# single-threaded compiles, which two workers overlap. The files go out slowest first, and the files that share
+# compiled programs as one unit (tests/conftest.py: --no-loadscope-reorder keeps that order)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(PY) -m blip3o_jax.demo

@@ -86,6 +86,24 @@ def tiny_config(**model_overrides):
     return c
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/tiny.py made smaller still for the tests of the train loop (checkpoints, resume, signals, logging, remote
+# workdirs), which train a few steps through `train.train` on the 8 devices: one backbone and one DiT layer, batch
+# 8, and a learning-rate schedule that does not depend on total_steps. Runs of different lengths then compile the
+# same programs (init, train step, sampler), which XLA's compilation cache (above) compiles once per session: keep
+# these fields as they are in every such test (a changed lr, batch or layer count is a new program).
+LOOP_OVERRIDES = {"model.backbone.num_hidden_layers": 1, "model.dit.n_layers": 1, "data.global_batch_size": 8,
+                  "train.schedule": "constant", "train.warmup_steps": 1}
+
+
+def loop_config(data_dir: str, overrides: dict | None = None):
+    """configs/tiny.py on the shards and tokenizer under `data_dir`, with LOOP_OVERRIDES then `overrides`."""
+    from blip3o_jax import cli
+
+    return cli.load_config(f"{ROOT}/configs/tiny.py:{data_dir}", {**LOOP_OVERRIDES, **(overrides or {})})
+
+
 def t2i_batch(rs, batch: int, n: int = 24, n_query: int = 16, task=None) -> dict:
     """A text-to-image batch of random prompts of n tokens ending in n_query query slots, with 4x4x8 targets."""
     return {"input_ids": rs.randint(3, 96, (batch, n)).astype(np.int32),
@@ -95,6 +113,28 @@ def t2i_batch(rs, batch: int, n: int = 24, n_query: int = 16, task=None) -> dict
             "task": np.zeros((batch,), np.int32) if task is None else np.asarray(task, np.int32),
             "sample_valid": np.ones((batch,), np.int32),
             "targets": rs.randn(batch, 4, 4, 8).astype(np.float32)}
+
+
+def tensorboard_image_events(tb_dir: str) -> list[tuple[int, str, int, int]]:
+    """(step, tag, width, height) of every image summary in the TensorBoard event files under `tb_dir`, sorted."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # TFRecord framing: length, crc, payload, crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    found.append((event.step, v.tag, v.image.width, v.image.height))
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,3 +185,60 @@ def bucket(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     state = {"root": root, "local_calls": local_calls, "cwd": cwd, "tmp": tmp}
     yield state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scheduling over pytest-xdist workers (`make test`: -n 2 --dist loadfile --no-loadscope-reorder)
+#
+# Files are the units (a file's module fixtures are built once), except that the files of a shared group form one
+# unit: they run the same programs, so on one worker one after the other they compile those programs once (the
+# compilation cache above; on two workers at once both would compile them). Units are handed out slowest first
+# (xdist's default order is by test count): the run then ends on small files instead of one worker finishing a long
+# file alone. The seconds are one file run alone on 2 busy cores; the order only has to be roughly right (a file not
+# listed runs after these, in collection order).
+
+_SHARED_GROUPS = {
+    # the train-loop tests on LOOP_OVERRIDES: one init, train step and sampler compile between them
+    "test_train_hardening.py": "tiny_train_loop", "test_train_clu.py": "tiny_train_loop",
+    "test_tfds.py": "tiny_train_loop", "test_demo.py": "tiny_train_loop",
+    # t2i of tools/make_tiny_release.py's release on one device: programs in common
+    "test_sample.py": "tiny_release_t2i", "test_remote_paths.py": "tiny_release_t2i"}
+_SLOWEST_FIRST = (  # ~seconds: 125-80
+    "tiny_release_t2i", "test_multihost.py", "test_train_resume.py", "test_vae_targets.py", "test_train.py",
+    "test_sana_training.py", "tiny_train_loop",
+    # 60-40
+    "test_prefix_cache.py", "test_precomputed_targets.py", "test_aot.py", "test_dit.py", "test_unet.py",
+    "test_qwen.py", "test_autoencoder_dc.py", "test_flow_matching.py", "test_sana.py", "test_qwen2_5_vl.py",
+    "test_bench_decoder.py", "test_qwen2_5_vl_vision.py", "test_blip3o.py", "test_export.py",
+    # 40-15
+    "test_pallas_attention.py", "test_registry.py", "test_convert_cli.py", "test_sdxl_decoder.py",
+    "test_bench_sample.py", "test_generation.py", "test_sana_decoder.py", "test_autoencoder_kl.py",
+    "test_aot_sample.py", "test_hardening.py", "test_gpu_check.py", "test_siglip.py",
+)
+
+
+def _unit(file_name: str) -> str:
+    return _SHARED_GROUPS.get(file_name, file_name)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item.path.name), len(rank)))  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile with the shared groups as units. (Not --dist loadgroup with xdist_group marks: pytest-xdist
+    3.8 renames the node ids of grouped tests through a private attribute that pytest 9 no longer reads, so the
+    marks are ignored and every test becomes its own unit.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            group = _SHARED_GROUPS.get(os.path.basename(path))
+            return group or path
+
+    return Scheduling(config, log)

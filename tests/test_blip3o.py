@@ -141,15 +141,23 @@ def test_param_groups_and_shapes(case):
     assert ours == want
 
 
-def test_loss_and_query_gradients_match_torch(case):
-    setup, ref, params = case["setup"], case["ref"], case["params"]
+@pytest.fixture(scope="module")
+def loss_and_grads(case):
+    """The loss and its gradients w.r.t. the trainable groups (dit, latent_queries): one compile for two tests."""
+    setup, params = case["setup"], case["params"]
     batch, targets, rng = case["batch"], case["targets"], case["rng"]
     trainable, frozen = opt_lib.split_params(params, True)
 
     def loss_of_trainable(tr):
         return _loss(setup, opt_lib.merge_params(tr, frozen), batch, targets, rng)[0]
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_of_trainable))(trainable)
+    return jax.jit(jax.value_and_grad(loss_of_trainable))(trainable)
+
+
+def test_loss_and_query_gradients_match_torch(case, loss_and_grads):
+    ref = case["ref"]
+    batch, targets, rng = case["batch"], case["targets"], case["rng"]
+    loss, grads = loss_and_grads
     draws = flow_matching.draw(rng, targets.shape, B, flow_matching.FlowMatchingConfig(cond_drop_prob=0.25))
     ref.zero_grad()
     want = ref.loss(batch, targets, draws)
@@ -165,19 +173,22 @@ def test_loss_and_query_gradients_match_torch(case):
     assert np.max(np.abs(g_cap - g_cap_ref)) <= 1e-4 * np.max(np.abs(g_cap_ref))
 
 
-def test_query_gradient_matches_finite_differences(case):
+@pytest.fixture(scope="module")
+def loss_of(case):
+    """(params, batch) -> (loss, aux) of the case's targets and rng, jitted: one compile for the tests below."""
+    setup, targets, rng = case["setup"], case["targets"], case["rng"]
+    return jax.jit(lambda params, batch: _loss(setup, params, batch, targets, rng))
+
+
+def test_query_gradient_matches_finite_differences(case, loss_and_grads, loss_of):
     """Directional derivative of the loss along a random direction of the queries, by central differences."""
-    setup, params = case["setup"], case["params"]
-    batch, targets, rng = case["batch"], case["targets"], case["rng"]
+    params, batch = case["params"], case["batch"]
     direction = np.random.RandomState(3).randn(*params["latent_queries"].shape).astype(np.float32)
 
-    @jax.jit
     def along(eps):
-        p = {**params, "latent_queries": params["latent_queries"] + eps * direction}
-        return _loss(setup, p, batch, targets, rng)[0]
+        return loss_of({**params, "latent_queries": params["latent_queries"] + eps * direction}, batch)[0]
 
-    grad = jax.jit(jax.grad(lambda q: _loss(setup, {**params, "latent_queries": q}, batch, targets, rng)[0]))(
-        params["latent_queries"])
+    grad = loss_and_grads[1]["latent_queries"]  # d loss / d queries, the backbone frozen: as the train step takes it
     analytic = float(jnp.sum(grad * direction))
     eps = 1e-2
     numeric = (float(along(eps)) - float(along(-eps))) / (2 * eps)
@@ -195,11 +206,10 @@ def test_rows_without_generation_keep_their_tokens(case):
     np.testing.assert_array_equal(np.asarray(scattered[0, :-NQ]), np.asarray(embeds[0, :-NQ]))
 
 
-def test_batch_without_any_image_gives_zero_generation_loss(case):
+def test_batch_without_any_image_gives_zero_generation_loss(case, loss_of):
     """The original crashes on batches without images (§7 item 5); here they are just rows with zero weight."""
-    setup, params, targets, rng = case["setup"], case["params"], case["targets"], case["rng"]
     batch = dict(case["batch"], task=np.full((B,), 2, np.int32))
-    loss, aux = jax.jit(lambda p: _loss(setup, p, batch, targets, rng))(params)
+    loss, aux = loss_of(case["params"], batch)
     assert float(loss) == 0.0 and float(aux["gen_count"]) == 0.0
 
 
@@ -214,9 +224,14 @@ def test_clip_mse_variant_regresses_the_grid():
     batch = t2i_batch(np.random.RandomState(1), B)
     params = opt_lib.merge_params(state.params, frozen)
     aux = jax.jit(setup.loss_fn)(params, batch, batch["targets"], jax.random.key(0))
-    cond, _ = setup.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["positions"],
-                                batch["query_index"], jnp.ones((B,), bool), method=blip3o_lib.Blip3o.encode)
-    pred = setup.model.apply({"params": params}, cond, method=blip3o_lib.Blip3o.mse_prediction)
+    @jax.jit  # eager, op by op, costs more than the compile
+    def predict(params):
+        cond, _ = setup.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                    batch["positions"], batch["query_index"], jnp.ones((B,), bool),
+                                    method=blip3o_lib.Blip3o.encode)
+        return setup.model.apply({"params": params}, cond, method=blip3o_lib.Blip3o.mse_prediction)
+
+    pred = predict(params)
     want = np.mean((np.asarray(pred) - batch["targets"]) ** 2)
     np.testing.assert_allclose(float(aux["gen_loss_sum"] / aux["gen_count"]), want, rtol=1e-5)
 
@@ -278,15 +293,16 @@ def test_understanding_tower_matches_the_full_qwen2_5_vl():
     patches = rs.randn(2, 16, mcfg.und_tower.patch_dim).astype(np.float32)
     prep = qvl.prepare_inputs(ref_cfg, ids, mask, np.tile([[1, 4, 4]], (2, 1)))
     ref_params = qvl.init_args(ref_cfg)
-    ref_params = nn_unbox(ref.init(jax.random.key(1), *ref_params)["params"])
+    ref_params = nn_unbox(jax.jit(ref.init)(jax.random.key(1), *ref_params)["params"])  # eager init: ~3x slower
     ours = {"backbone": ref_params["language_model"], "visual": ref_params["visual"],
             "latent_queries": np.zeros((1, NQ, 64), np.float32)}
-    want = ref.apply({"params": ref_params}, ids, mask, prep["positions"], patches.reshape(32, -1),
-                     prep["vision_layout"], prep["image_index"])
+    # both sides jitted (eager, op by op, costs more than the two compiles)
+    want = jax.jit(lambda: ref.apply({"params": ref_params}, ids, mask, prep["positions"], patches.reshape(32, -1),
+                                     prep["vision_layout"], prep["image_index"]))()
     und_index = np.stack([np.flatnonzero(r == image_pad) for r in ids]).astype(np.int32)
-    _, got = model.apply({"params": ours}, ids, mask, jnp.asarray(prep["positions"]), None, None,
-                         compute_logits=True, und_inputs=patches, und_index=und_index,
-                         has_und=jnp.ones((2,), bool), method=blip3o_lib.Blip3o.encode)
+    _, got = jax.jit(lambda: model.apply({"params": ours}, ids, mask, jnp.asarray(prep["positions"]), None, None,
+                                         compute_logits=True, und_inputs=patches, und_index=und_index,
+                                         has_und=jnp.ones((2,), bool), method=blip3o_lib.Blip3o.encode))()
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-4,
                                atol=1e-4 * float(np.max(np.abs(want))))

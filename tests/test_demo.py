@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from blip3o_jax import demo
+from conftest import LOOP_OVERRIDES  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def test_scorer_reads_colour_and_shape_of_real_images_and_rejects_wrong_prompts():
@@ -22,9 +23,10 @@ def test_scorer_reads_colour_and_shape_of_real_images_and_rejects_wrong_prompts(
 
 def test_short_demo_runs_end_to_end(tmp_path):
     workdir = str(tmp_path / "demo")
+    # the train-loop tests' smaller model and batch (conftest.LOOP_OVERRIDES): their compiled programs
     summary = demo.run(workdir, steps=30, num_samples=256, num_prompts=6,
-                       overrides={"checkpoint.every": 15, "log.every": 10, "log.progress_bar": False,
-                                  "data.global_batch_size": 16})
+                       overrides={**LOOP_OVERRIDES, "checkpoint.every": 15, "log.every": 10,
+                                  "log.progress_bar": False})
     assert os.path.exists(summary["samples_png"]) and os.path.getsize(summary["samples_png"]) > 1000
     with open(os.path.join(workdir, "score.json")) as f:
         saved = json.load(f)

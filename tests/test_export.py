@@ -15,16 +15,17 @@ import pytest
 
 from blip3o_jax import export, hub, pretrained
 from blip3o_jax.convert.common import iter_safetensors, read_weight_map, write_safetensors
+from conftest import loop_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """configs/tiny.py trained for 2 steps (1 DiT layer, EMA kept) on synthetic shards."""
+    """configs/tiny.py trained for 2 steps (conftest.LOOP_OVERRIDES' smaller model, EMA kept) on synthetic
+    shards."""
     from blip3o_jax import sampling
     from blip3o_jax import train as train_lib
-    from blip3o_jax.cli import load_config
     from blip3o_jax.data import synthetic
     from blip3o_jax.data.tokenizer import build_tiny_tokenizer
 
@@ -32,11 +33,9 @@ def run(tmp_path_factory):
     synthetic.generate(str(root / "data" / "shards"), 32, samples_per_shard=32, image_size=32, max_objects=1,
                        formats=("tar",))
     build_tiny_tokenizer(str(root / "data" / "tokenizer"))
-    config = load_config(f"{ROOT}/configs/tiny.py:{root / 'data'}", {
+    config = loop_config(str(root / "data"), {
         "train.total_steps": 2, "checkpoint.every": 2, "checkpoint.async_save": False, "log.every": 1,
-        "log.progress_bar": False, "log.tensorboard": False, "data.global_batch_size": 8, "train.warmup_steps": 1})
-    config.model.dit.n_layers = 1
-    config.train.ema_decay = 0.5
+        "log.progress_bar": False, "log.tensorboard": False, "train.ema_decay": 0.5})
     workdir = str(root / "run")
     train_lib.train(config, workdir)
     _, params, trained_config = sampling.load_trained(workdir)

@@ -117,10 +117,13 @@ def test_convert_then_load_pretrained_gives_the_same_model(kind, tmp_path):
     rng = np.random.default_rng(0)
     args = jax.tree.map(lambda x: _random_like(x, rng), args)
     kwargs = jax.tree.map(lambda x: _random_like(x, rng), kwargs)
-    # jitted: eager (op by op) init and apply of the conv models cost more than their compiles
-    variables = jax.jit(lambda a, kw: module.init(jax.random.PRNGKey(1), *a, method=method, **kw))(args, kwargs)
-    params = flax.linen.unbox(variables["params"])
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    # params: random values of the init's shapes, drawn on the host (a jitted init is a compile as costly as the
+    # apply's); the apply is jitted (eager, op by op, the conv models cost more than its compile)
+    init = lambda a, kw: module.init(jax.random.PRNGKey(1), *a, method=method, **kw)  # noqa: E731
+    abstract = jax.eval_shape(init, args, kwargs)
+    variables = jax.jit(init)(args, kwargs) if set(abstract) != {"params"} else {}  # other collections: real values
+    params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype),
+                          flax.linen.unbox(abstract["params"]))
     state_dict = convert.to_torch(kind, params, cfg)
 
     src, dst = tmp_path / "src", tmp_path / "dst"

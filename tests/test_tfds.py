@@ -16,8 +16,8 @@ import pytest
 
 from blip3o_jax.data import pipeline, sources, synthetic, tfds_builder, tfds_source
 from blip3o_jax.data import tokenizer as tokenizer_lib
+from conftest import loop_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_QUERY = 6
 
 
@@ -208,18 +208,15 @@ def test_tiny_config_trains_from_tfds_and_resumes_exactly(data, tmp_path):
     """A few steps of configs/tiny.py from the TFDS dataset; the checkpoint of step 2 resumed gives the losses of
     steps 3-4 of the uninterrupted run bit for bit."""
     from blip3o_jax import train as train_lib
-    from blip3o_jax.cli import load_config
 
     root = tmp_path / "tiny"
     synthetic.generate(str(root / "shards"), 48, samples_per_shard=24, image_size=32, max_objects=1,
                        formats=("tar",))
     tokenizer_lib.build_tiny_tokenizer(str(root / "tokenizer"))
     tfds_builder.build(str(root / "shards" / "*.tar"), str(root / "tfds"), name="tiny_shapes")
-    config = load_config(f"{ROOT}/configs/tiny.py:{root}", {
+    config = loop_config(str(root), {  # the train-loop tests' programs (conftest.LOOP_OVERRIDES)
         "train.total_steps": 4, "checkpoint.every": 2, "checkpoint.async_save": False, "log.every": 1,
-        "log.progress_bar": False, "log.tensorboard": False, "data.global_batch_size": 8,
-        "train.warmup_steps": 1})
-    config.model.dit.n_layers = 1
+        "log.progress_bar": False, "log.tensorboard": False})
     config.data.datasets = [{"kind": "tfds", "name": "tiny_shapes", "data_dir": str(root / "tfds"), "task": "t2i"}]
     workdir = str(tmp_path / "run")
     train_lib.train(config, workdir)

@@ -6,22 +6,21 @@ import glob
 import json
 import logging
 import os
-import struct
 
 import numpy as np
 import pytest
+
+from conftest import loop_config, tensorboard_image_events  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_run_config(data_dir, **overrides):
-    from blip3o_jax import cli
-
-    base = {"train.total_steps": 4, "data.global_batch_size": 8, "log.every": 2, "log.progress_bar": False,
-            "checkpoint.every": 2, "checkpoint.async_save": False, "train.warmup_steps": 1,
-            "flow.num_inference_steps": 2}
+    """The train-loop tests' tiny config (conftest.loop_config: the same programs as test_train_hardening's runs)."""
+    base = {"train.total_steps": 4, "log.every": 2, "log.progress_bar": False, "checkpoint.every": 2,
+            "checkpoint.async_save": False, "flow.num_inference_steps": 2}
     base.update(overrides)
-    return cli.load_config(f"{ROOT}/configs/tiny.py:{data_dir}", base)
+    return loop_config(data_dir, base)
 
 
 @pytest.fixture(scope="module")
@@ -104,24 +103,6 @@ def test_profile_capture_writes_a_trace(run):
     assert traces and os.path.getsize(traces[0]) > 0
 
 
-def _image_events(tb_dir):
-    from tensorboardX.proto import event_pb2
-
-    found = []
-    for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):  # TFRecord framing: length, crc, payload, crc
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            for v in event.summary.value:
-                if v.HasField("image"):
-                    found.append((event.step, v.tag, v.image.width, v.image.height))
-    return sorted(found)
-
-
 def test_samples_written_as_png_and_tensorboard_images(run):
     from PIL import Image
 
@@ -130,7 +111,7 @@ def test_samples_written_as_png_and_tensorboard_images(run):
     a = np.asarray(Image.open(os.path.join(run["workdir"], "samples", "step_2.png")))
     b = np.asarray(Image.open(os.path.join(run["workdir"], "samples", "step_4.png")))
     assert a.shape == b.shape and a.shape[0] > 32 and not np.array_equal(a, b)  # the weights moved between them
-    events = _image_events(os.path.join(run["workdir"], "tensorboard"))
+    events = tensorboard_image_events(os.path.join(run["workdir"], "tensorboard"))
     assert [(s, t) for s, t, _, _ in events] == [(2, "samples"), (4, "samples")]
     assert events[0][2:] == (a.shape[1], a.shape[0])
 
@@ -146,25 +127,5 @@ def test_writer_has_the_clu_metric_writer_methods(tmp_path):
     w.close()
     with open(tmp_path / "metrics.jsonl") as f:
         assert json.loads(f.read()) == {"step": 3, "loss": 0.5}
-    assert [(s, t) for s, t, _, _ in _image_events(str(tmp_path / "tensorboard"))] == [(3, "x/0"), (3, "x/1")]
-
-
-def test_vae_target_samples_are_decoded_to_pixels(data_dir, tmp_path):
-    """configs/tiny_vae.py generates VAE latents; the samples are decoded by the run's own VAE to a pixel grid."""
-    from PIL import Image
-
-    from blip3o_jax import cli
-    from blip3o_jax import train as train_lib
-
-    config = cli.load_config(f"{ROOT}/configs/tiny_vae.py:{data_dir}", {
-        "train.total_steps": 2, "data.global_batch_size": 8, "log.every": 2, "log.progress_bar": False,
-        "checkpoint.every": 2, "checkpoint.async_save": False, "checkpoint.save_frozen": False,
-        "train.warmup_steps": 1, "flow.num_inference_steps": 2, "log.sample_every": 2,
-        "log.sample_prompts": ("a red circle", "a blue square")})
-    config.model.dit.n_layers = 1
-    workdir = tmp_path / "vae_run"
-    train_lib.train(config, str(workdir))
-    grid = np.asarray(Image.open(workdir / "samples" / "step_2.png"))
-    # two 32x32 images (the VAE's output size, not the 16x16 latent grid), upscaled 3x, side by side
-    assert grid.shape == (8 + 32 * 3 + 26 + 8, 2 * (32 * 3 + 8) + 8, 3)
-    assert [(s, t) for s, t, _, _ in _image_events(str(workdir / "tensorboard"))] == [(2, "samples")]
+    events = tensorboard_image_events(str(tmp_path / "tensorboard"))
+    assert [(s, t) for s, t, _, _ in events] == [(3, "x/0"), (3, "x/1")]

@@ -15,18 +15,17 @@ import sys
 import pytest
 
 from blip3o_jax.cli import UserError
+from conftest import loop_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_run_config(data_dir, **overrides):
-    from blip3o_jax import cli
-
-    base = {"train.total_steps": 6, "data.global_batch_size": 8, "log.every": 1, "log.progress_bar": False,
-            "log.tensorboard": False, "checkpoint.every": 2, "checkpoint.keep": None, "checkpoint.async_save": False,
-            "train.warmup_steps": 1, "log.sample_every": 0}
+    """The train-loop tests' tiny config (conftest.loop_config: the same programs whatever total_steps is)."""
+    base = {"train.total_steps": 6, "log.every": 1, "log.progress_bar": False, "log.tensorboard": False,
+            "checkpoint.every": 2, "checkpoint.keep": None, "checkpoint.async_save": False, "log.sample_every": 0}
     base.update(overrides)
-    return cli.load_config(f"{ROOT}/configs/tiny.py:{data_dir}", base)
+    return loop_config(data_dir, base)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import loop_config  # noqa: E402  (tests/ is on sys.path under pytest)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL, EVERY = 40, 4
+TOTAL, EVERY = 32, 4
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +30,12 @@ def data_dir(tmp_path_factory):
 
 
 def command(data_dir, workdir):
-    # a smaller DiT and batch than the demo's, so that each run is quick
+    # a smaller model (one backbone and one DiT layer) and batch than the demo's, so that each run is quick
     return [sys.executable, "-m", "blip3o_jax.train", "--config", f"{ROOT}/configs/tiny.py:{data_dir}",
             "--workdir", workdir, f"--config.train.total_steps={TOTAL}", f"--config.checkpoint.every={EVERY}",
             "--config.log.every=1", "--config.log.progress_bar=False", "--config.log.tensorboard=False",
-            "--config.data.global_batch_size=8", "--config.train.warmup_steps=5"]
+            "--config.data.global_batch_size=8", "--config.train.warmup_steps=5",
+            "--config.model.backbone.num_hidden_layers=1", "--config.model.dit.n_layers=1"]
 
 
 def env():
@@ -124,9 +127,8 @@ def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint
     overflows and is skipped; after `max_consecutive_nonfinite` of them the run stops (exit status 3 from the
     CLI) and the checkpoint of the last finite step is the one kept."""
     from blip3o_jax import train as train_lib
-    from blip3o_jax.cli import load_config
 
-    config = load_config(f"{ROOT}/configs/tiny.py:{data_dir}", {
+    config = loop_config(data_dir, {  # the train-loop tests' small model (conftest.LOOP_OVERRIDES)
         "train.total_steps": 30, "train.lr": 1e30, "train.min_lr": 1e30, "train.warmup_steps": 3,
         "train.max_consecutive_nonfinite": 3, "checkpoint.every": 1, "log.every": 1, "log.progress_bar": False,
         "log.tensorboard": False, "data.global_batch_size": 8})

@@ -5,7 +5,8 @@ Checked: the target module against diffusers 0.42.1 (uint8 image -> `VaeImagePro
 posterior mode -> the pipelines' latent normalisation: scaling only, SD3's shift, SDXL img2img's per-channel
 statistics) on a tiny VAE with every parameter perturbed; the model's `gen_encoder` group is the whole VAE (so a
 converted `autoencoder_kl` loads into it); config errors; configs/tiny_vae.py trains through the train entry
-point and its loss falls; latents precomputed by blip3o_jax.precompute equal the train step's, to bf16 storage.
+point, its loss falls and its sample grids are decoded to pixels by the run's VAE; latents precomputed by
+blip3o_jax.precompute equal the train step's, to bf16 storage.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from blip3o_jax import cli, convert, models
 from blip3o_jax import sharding as shd
 from blip3o_jax.data import pipeline, synthetic, targets
 from blip3o_jax.models import blip3o as blip3o_lib
-from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import rel_err, tensorboard_image_events  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = os.path.join(ROOT, "configs", "tiny_vae.py")
@@ -137,22 +138,42 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
-def test_vae_target_trains_through_the_train_entry_point(data_dir, tmp_path):
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def vae_run(data_dir, tmp_path_factory):
+    """configs/tiny_vae.py trained STEPS steps through the train entry point, with a sample grid of two prompts at
+    the last step (one run serves the loss and the samples tests)."""
     from blip3o_jax import train as train_lib
 
-    steps, window = 30, 8
     config = vae_config(data_dir, **{
-        "train.total_steps": steps, "train.warmup_steps": 5, "checkpoint.every": 1000, "log.every": 1,
-        "log.progress_bar": False, "log.tensorboard": False, "data.global_batch_size": 8})
-    workdir = str(tmp_path / "run")
-    train_lib.train(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        "train.total_steps": STEPS, "train.warmup_steps": 5, "checkpoint.every": 1000, "log.every": 1,
+        "log.progress_bar": False, "data.global_batch_size": 8, "log.sample_every": STEPS,
+        "flow.num_inference_steps": 2, "log.sample_prompts": ("a red circle", "a blue square")})
+    workdir = tmp_path_factory.mktemp("vae_run") / "run"
+    train_lib.train(config, str(workdir))
+    return workdir
+
+
+def test_vae_target_trains_through_the_train_entry_point(vae_run):
+    steps, window = STEPS, 8
+    with open(vae_run / "metrics.jsonl") as f:
         losses = {rec["step"]: rec["loss"] for rec in map(json.loads, f) if "loss" in rec}
     assert sorted(losses) == list(range(1, steps + 1))
     first = np.mean([losses[s] for s in range(1, window + 1)])
     last = np.mean([losses[s] for s in range(steps - window + 1, steps + 1)])
     print(f"vae target: mean loss of steps 1-{window} {first:.4f}, of steps {steps - window + 1}-{steps} {last:.4f}")
     assert np.isfinite(last) and last < 0.8 * first, (first, last)
+
+
+def test_vae_target_samples_are_decoded_to_pixels(vae_run):
+    """The samples of a configs/tiny_vae.py run (VAE latents) are decoded by the run's own VAE to a pixel grid.
+    (Was in test_train_clu.py with a run of its own; this file's run serves it.)"""
+    grid = np.asarray(Image.open(vae_run / "samples" / f"step_{STEPS}.png"))
+    # two 32x32 images (the VAE's output size, not the 16x16 latent grid), upscaled 3x, side by side
+    assert grid.shape == (8 + 32 * 3 + 26 + 8, 2 * (32 * 3 + 8) + 8, 3)
+    assert [(s, t) for s, t, _, _ in tensorboard_image_events(str(vae_run / "tensorboard"))] == [(STEPS, "samples")]
 
 
 def test_precomputed_vae_targets_equal_the_train_steps(data_dir):
