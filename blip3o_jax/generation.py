@@ -25,17 +25,20 @@ from blip3o_jax.models import qwen
 from blip3o_jax.models import qwen2_5_vl as qvl
 
 
-def without_scan(cfg):
-    """`cfg` with `scan_layers=False` in it and in every nested config dataclass."""
-    import dataclasses
-
+def _switched_off(cfg, field: str):
+    """`cfg` with boolean `field` False in it and in every nested config dataclass."""
     if not dataclasses.is_dataclass(cfg):
         return cfg
-    changes = {f.name: without_scan(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+    changes = {f.name: _switched_off(getattr(cfg, f.name), field) for f in dataclasses.fields(cfg)
                if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    if getattr(cfg, "scan_layers", False):
-        changes["scan_layers"] = False
+    if getattr(cfg, field, False):
+        changes[field] = False
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def without_scan(cfg):
+    """`cfg` with `scan_layers=False` in it and in every nested config dataclass."""
+    return _switched_off(cfg, "scan_layers")
 
 
 def decode_layout(kind: str, module, params):
@@ -49,14 +52,16 @@ def unrolled(kind: str, cfg, params):
     """(module, params) of registered model `kind` in the unrolled layer layout (`scan_layers=False` throughout):
     the same numbers, one set of weights per layer.
 
-    The layout to decode with outside TPU. On a CPU, a tied LM head also gets its own (hidden, vocab) copy of the
-    embedding (`tie_word_embeddings=False`, `lm_head` = embedding transposed: the same logits): XLA:CPU's
-    matrix-vector kernels read a (vocab, hidden) matrix against its rows ~1.5x slower than a (hidden, vocab) one
-    (11 vs 16 GB/s measured), and the head is the largest matrix a decode step reads. In a scanned stack every layer's weights are a dynamic slice of the
+    The layout to decode with outside TPU. In a scanned stack every layer's weights are a dynamic slice of the
     stacked array; XLA:CPU (and GPU) copies that slice out before each matmul, so a decode step, which is bound by
     reading the weights once, reads and writes them three times. The TPU compiler feeds the slice to the matmul
     directly, so there the scanned layout (one compiled layer, faster compiles) costs nothing. Call once after
-    loading: the stacked arrays are sliced (copied) here, outside any loop."""
+    loading: the stacked arrays are sliced (copied) here, outside any loop.
+
+    On a CPU a tied LM head also gets its own (hidden, vocab) copy of the embedding (`tie_word_embeddings=False`,
+    `lm_head` = embedding transposed: the same logits): XLA:CPU's matrix-vector kernels read a (vocab, hidden)
+    matrix against its rows ~1.5x slower than a (hidden, vocab) one (11 vs 16 GB/s measured), and the head is the
+    largest matrix a decode step reads."""
     import flax.linen as nn
 
     from blip3o_jax import models, pretrained
@@ -65,7 +70,7 @@ def unrolled(kind: str, cfg, params):
     flat_cfg = without_scan(cfg)
     untie = layers.target_platform() == "cpu"
     if untie:
-        flat_cfg = _untied(flat_cfg)
+        flat_cfg = _switched_off(flat_cfg, "tie_word_embeddings")
     if flat_cfg == cfg:
         return models.build(kind, cfg), params
     module = models.build(kind, flat_cfg)
@@ -79,18 +84,6 @@ def unrolled(kind: str, cfg, params):
     if got != jax.tree.map(lambda a: tuple(a.shape), want):
         raise ValueError(f"unrolled({kind!r}): params do not match the config's layout")
     return module, params
-
-
-def _untied(cfg):
-    """`cfg` with every nested `tie_word_embeddings=True` set to False."""
-    if not dataclasses.is_dataclass(cfg):
-        return cfg
-    changes = {f.name: _untied(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-               if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    changes = {k: v for k, v in changes.items() if v is not getattr(cfg, k)}
-    if getattr(cfg, "tie_word_embeddings", False):
-        changes["tie_word_embeddings"] = False
-    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _with_lm_head(params, want):
