@@ -41,14 +41,25 @@ class GroupNorm(nn.Module):
         if channels % self.num_groups:
             raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {channels} channels")
         x32 = x.astype(jnp.float32)
-        grouped = x32.reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
-        reduce = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)  # every axis but batch and group
-        mean = jnp.mean(grouped, axis=reduce, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=reduce, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        batch, per_group = x.shape[0], channels // self.num_groups
+        spatial = tuple(range(1, x.ndim - 1))  # every axis but batch and channel
+        bshape = (batch,) + (1,) * len(spatial) + (channels,)
+
+        def group_mean(per_channel):  # (B, C) means over the spatial axes -> each channel's group mean, (B, C)
+            g = per_channel.reshape(batch, self.num_groups, per_group).mean(-1)
+            return jnp.repeat(g, per_group, axis=-1)
+
+        # Two passes (mean, then the mean squared deviation: torch's biased variance, no E[x^2] - E[x]^2
+        # cancellation), each reducing the spatial axes per channel with channels kept as the minor (vectorised)
+        # dimension and only then over each group's channels: on XLA:CPU this is ~2x faster than reducing a
+        # (..., groups, C / groups) view whose minor dimension holds only C / groups values.
+        mean = group_mean(jnp.mean(x32, axis=spatial))
+        var = group_mean(jnp.mean(jnp.square(x32 - mean.reshape(bshape)), axis=spatial))
         scale = self.param("scale", layers.partitioned(nn.initializers.ones, ("norm",)), (channels,), self.param_dtype)
         bias = self.param("bias", layers.partitioned(nn.initializers.zeros, ("norm",)), (channels,), self.param_dtype)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        mul = jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)  # (B, C): one multiply-add per element
+        add = bias.astype(jnp.float32) - mean * mul
+        return (x32 * mul.reshape(bshape) + add.reshape(bshape)).astype(self.dtype)
 
 
 class Conv2D(nn.Module):
@@ -70,9 +81,16 @@ class Conv2D(nn.Module):
         init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=(0, 1, 2), out_axis=3)
         kernel = self.param("kernel", layers.partitioned(init, _CONV_AXES), (k, k, x.shape[-1], self.features),
                             self.param_dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
-            padding=tuple(tuple(p) for p in pad), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if k == 1 and self.stride == 1 and not any(p for side in pad for p in side) and \
+                layers.target_platform() != "tpu":
+            # a 1x1 convolution is a matmul: XLA:CPU runs it as one 2-D dot at the matmul rate, and as a
+            # convolution at ~1/5 of it (the SDXL VAE's 128 -> 64 shortcut at 256 x 256: 48 ms as a conv)
+            y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel[0, 0].astype(self.dtype)).reshape(
+                *x.shape[:-1], self.features)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
+                padding=tuple(tuple(p) for p in pad), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             bias = self.param("bias", layers.partitioned(nn.initializers.zeros, (None,)), (self.features,),
                               self.param_dtype)
