@@ -116,3 +116,97 @@ def test_auto_depthwise_impl_follows_the_target_platform(monkeypatch):
         assert layers.resolve_depthwise_impl("conv") == "conv"
     with pytest.raises(ValueError, match="depthwise_impl='fft'"):
         layers.resolve_depthwise_impl("fft")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: the CPU arrangement against jax.nn.dot_product_attention (the path every other platform takes)
+
+
+@pytest.mark.parametrize("heads,kv_heads,lq,lk,mask_kind,is_causal", [
+    (4, 4, 9, 9, None, False),
+    (4, 2, 7, 7, None, True),             # GQA + causal
+    (6, 2, 5, 11, "key_padding", False),  # GQA, cross lengths, (B, 1, 1, Lk)
+    (4, 1, 8, 8, "dense", True),          # MQA, (B, 1, Lq, Lk) & causal, a fully masked row
+    (4, 4, 6, 6, "per_head", False),      # (B, H, Lq, Lk)
+])
+def test_cpu_attention_matches_dot_product_attention(heads, kv_heads, lq, lk, mask_kind, is_causal):
+    rs = np.random.RandomState(0)
+    b, d = 2, 8
+    q = jnp.asarray(rs.randn(b, lq, heads, d), jnp.float32)
+    k = jnp.asarray(rs.randn(b, lk, kv_heads, d), jnp.float32)
+    v = jnp.asarray(rs.randn(b, lk, kv_heads, d), jnp.float32)
+    mask = None
+    if mask_kind == "key_padding":
+        mask = jnp.asarray(np.arange(lk)[None, None, None, :] < np.array([lk, 3])[:, None, None, None])
+    elif mask_kind == "dense":
+        m = rs.rand(b, 1, lq, lk) > 0.3
+        m[0, 0, 2] = False  # a row with nothing to attend to: both attend uniformly
+        mask = jnp.asarray(m)
+    elif mask_kind == "per_head":
+        mask = jnp.asarray(rs.rand(b, heads, lq, lk) > 0.4)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v, mask=mask, is_causal=is_causal, scale=0.3)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    (l_ref, o_ref), g_ref = jax.value_and_grad(lambda *a: loss(jax.nn.dot_product_attention, *a), argnums=(0, 1, 2),
+                                               has_aux=True)(q, k, v)
+    (l_ours, o_ours), g_ours = jax.value_and_grad(lambda *a: loss(layers._attention_cpu, *a), argnums=(0, 1, 2),
+                                                  has_aux=True)(q, k, v)
+    assert o_ours.shape == o_ref.shape == (b, lq, heads, d)
+    assert rel_err(o_ours, o_ref) < 1e-5
+    for go, gr in zip(g_ours, g_ref):
+        assert rel_err(go, gr) < 1e-5
+
+
+def test_attention_takes_the_cpu_arrangement_only_for_a_cpu_program(monkeypatch):
+    calls = []
+    real = layers._attention_cpu
+    monkeypatch.setattr(layers, "_attention_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = jnp.ones((1, 4, 2, 8), jnp.float32)
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", "cpu")
+    layers.attention(q, q, q)
+    assert calls == [1]
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", "tpu")
+    layers.attention(q, q, q)
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv_blocks: the CPU forms (per-channel GroupNorm statistics, 1x1 convolutions as matmuls)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 5, 6, 12), 4), ((2, 7, 16), 8), ((1, 3, 4, 5, 6), 3)])
+def test_group_norm_matches_a_direct_reference(shape, groups):
+    from blip3o_jax.models import conv_blocks
+
+    rs = np.random.RandomState(0)
+    x = rs.randn(*shape).astype(np.float32) * 3 + 1.5
+    gn = conv_blocks.GroupNorm(groups, 1e-6)
+    params = {"params": {"scale": rs.randn(shape[-1]).astype(np.float32),
+                         "bias": rs.randn(shape[-1]).astype(np.float32)}}
+    got = np.asarray(gn.apply(params, jnp.asarray(x)))
+    g = x.reshape(shape[0], -1, groups, shape[-1] // groups).astype(np.float64)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)  # biased, as torch
+    want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(shape) * params["params"]["scale"] + params["params"]["bias"]
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_pointwise_conv2d_is_the_convolution(platform, monkeypatch):
+    from blip3o_jax.models import conv_blocks
+
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", platform)
+    rs = np.random.RandomState(1)
+    x = jnp.asarray(rs.randn(2, 5, 7, 6), jnp.float32)
+    conv = conv_blocks.Conv2D(4, 1)
+    params = nn.unbox(conv.init(jax.random.key(0), x))
+    kernel, bias = params["params"]["kernel"], params["params"]["bias"] + 0.5
+    got = conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    assert got.shape == (2, 5, 7, 4)
+    assert rel_err(got, want) < 1e-6
+    hlo = jax.jit(lambda x: conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)).lower(x).as_text()
+    assert ("convolution" in hlo) == (platform == "tpu")

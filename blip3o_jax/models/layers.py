@@ -297,11 +297,47 @@ def attention(
         # portable path: softmax and accumulation in fp32 for parity with torch's SDPA math kernel
         out_dtype = query.dtype
         f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-        out = jax.nn.dot_product_attention(f32(query), f32(key), f32(value), mask=mask, is_causal=is_causal, scale=scale)
+        if target_platform() == "cpu":
+            out = _attention_cpu(f32(query), f32(key), f32(value), mask=mask, is_causal=is_causal, scale=scale)
+        else:
+            out = jax.nn.dot_product_attention(f32(query), f32(key), f32(value), mask=mask, is_causal=is_causal,
+                                               scale=scale)
         return out.astype(out_dtype)
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
     )
+
+
+def _attention_cpu(query, key, value, *, mask=None, is_causal: bool = False, scale: float | None = None):
+    """`jax.nn.dot_product_attention`'s XLA path (same masking: masked logits set to -0.7 x the dtype's max, so a
+    fully masked row attends uniformly), arranged for XLA:CPU: heads-major operands for the two batched matmuls,
+    queries pre-scaled, and the softmax's normalisation applied to the (Lq, D) output instead of the (Lq, Lk)
+    probabilities (one pass over the scores fewer). On the models' CPU shapes it is ~1.3-1.9x faster than
+    `jax.nn.dot_product_attention`; the math is the same up to fp32 rounding."""
+    b, lq, h, d = query.shape
+    lk, hkv = key.shape[1], key.shape[2]
+    if h % hkv:
+        raise ValueError(f"attention: {h} query heads are not a multiple of {hkv} key/value heads")
+    g = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    q = (query * jnp.asarray(scale, query.dtype)).reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, hkv, g * lq, d)
+    logits = jnp.matmul(q, key.transpose(0, 2, 3, 1)).reshape(b, hkv, g, lq, lk)  # (B, Hkv, G, Lq, Lk)
+    keep = None
+    if mask is not None:
+        _, m4 = _mask_kind(mask, (b, h, lq, lk))
+        m4 = m4.astype(bool)
+        heads = m4.shape[1]
+        keep = m4.reshape(m4.shape[0], hkv if heads == h else 1, g if heads == h else 1, *m4.shape[2:])
+    if is_causal:
+        causal = jnp.tril(jnp.ones((lq, lk), bool))
+        keep = causal if keep is None else jnp.logical_and(keep, causal)
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.asarray(-0.7 * jnp.finfo(logits.dtype).max, logits.dtype))
+    probs = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    denom = jnp.sum(probs, axis=-1).reshape(b, hkv, g * lq, 1)
+    out = jnp.matmul(probs.reshape(b, hkv, g * lq, lk), value.transpose(0, 2, 1, 3)) / denom  # (B, Hkv, G*Lq, D)
+    return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
 # Set to 1 to run the Pallas kernels in TPU interpret mode (on CPU: slow, for tests); the kernels otherwise lower
