@@ -210,3 +210,28 @@ def test_pointwise_conv2d_is_the_convolution(platform, monkeypatch):
     assert rel_err(got, want) < 1e-6
     hlo = jax.jit(lambda x: conv.apply({"params": {"kernel": kernel, "bias": bias}}, x)).lower(x).as_text()
     assert ("convolution" in hlo) == (platform == "tpu")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 6, 6, 3)])
+def test_upsample2x_conv_is_conv_of_the_nearest_upsample(shape):
+    from blip3o_jax.models import conv_blocks
+
+    rs = np.random.RandomState(2)
+    x = jnp.asarray(rs.randn(*shape), jnp.float32)
+    kernel = jnp.asarray(rs.randn(3, 3, shape[-1], 7), jnp.float32)
+    bias = jnp.asarray(rs.randn(7), jnp.float32)
+    params = {"params": {"kernel": kernel, "bias": bias}}
+    got = conv_blocks.Conv2D(7, 3, upsample_nearest2x=True).apply(params, x)
+    up = conv_blocks.nearest_resize(x, (2 * shape[1], 2 * shape[2]))
+    want = conv_blocks.Conv2D(7, 3).apply(params, up)
+    assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 7)
+    assert rel_err(got, want) < 1e-6
+    # the module path: Upsample2D takes it for an exact x2, and the explicit path for any other size
+    up2d = conv_blocks.Upsample2D(7)
+    p = {"params": {"conv": params["params"]}}
+    assert rel_err(up2d.apply(p, x), want) < 1e-6
+    odd = (2 * shape[1] - 1, 2 * shape[2] + 1)
+    want_odd = conv_blocks.Conv2D(7, 3).apply(params, conv_blocks.nearest_resize(x, odd))
+    assert rel_err(up2d.apply(p, x, odd), want_odd) < 1e-6
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        conv_blocks.Conv2D(7, 1, upsample_nearest2x=True).init(jax.random.key(0), x)
