@@ -70,7 +70,7 @@ class Conv2D(nn.Module):
     stride: int = 1
     padding: tuple[tuple[int, int], tuple[int, int]] | None = None  # None: (k - 1) // 2 on every side
     use_bias: bool = True
-    # conv(nearest x2 upsample of x) (diffusers `Upsample2D`), computed on x itself: see `_upsample2x_conv`
+    # conv(nearest x2 upsample of x) (diffusers `Upsample2D`), computed on x itself: see `upsample2x_conv`
     upsample_nearest2x: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -86,7 +86,7 @@ class Conv2D(nn.Module):
         if self.upsample_nearest2x:
             if (k, self.stride, tuple(map(tuple, pad))) != (3, 1, ((1, 1), (1, 1))):
                 raise ValueError("Conv2D(upsample_nearest2x=True) needs a 3x3 kernel, stride 1, padding 1")
-            y = _upsample2x_conv(x.astype(self.dtype), kernel, self.dtype)
+            y = upsample2x_conv(x.astype(self.dtype), kernel, self.dtype)
         elif k == 1 and self.stride == 1 and not any(p for side in pad for p in side) and \
                 layers.target_platform() != "tpu":
             # a 1x1 convolution is a matmul: XLA:CPU runs it as one 2-D dot at the matmul rate, and as a
@@ -104,7 +104,7 @@ class Conv2D(nn.Module):
         return y
 
 
-def _upsample2x_conv(x, kernel, dtype):
+def upsample2x_conv(x, kernel, dtype):
     """3x3 conv (padding 1) of the nearest x2 upsample of x (B, H, W, C), without upsampling first.
 
     Output pixel (2i + a, 2j + b) sees, along each axis, upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
@@ -260,5 +260,6 @@ class SpatialAttention(nn.Module):
 
 __all__ = [
     "GroupNorm", "Conv2D", "ResnetBlock2D", "Downsample2D", "Upsample2D", "SpatialAttention", "nearest_resize",
+    "upsample2x_conv",
     "nearest_source_index", "check_groups",
 ]

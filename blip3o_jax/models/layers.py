@@ -287,8 +287,8 @@ def attention(
     """Scaled dot-product attention via `jax.nn.dot_product_attention` (GQA handled there).
 
     `implementation`: None/"xla" (portable), "cudnn" (GPU flash attention) or "pallas" (TPU flash attention,
-    `pallas_attention`). Softmax is computed in fp32 for the xla path by upcasting low-precision inputs' logits
-    inside XLA.
+    `pallas_attention`). The xla path computes in fp32 (low-precision inputs are upcast, the result cast back);
+    for a CPU program (`target_platform`) it is `_attention_cpu`, the same math arranged for XLA:CPU.
     """
     if implementation == "pallas":
         return pallas_attention(query, key, value, mask=mask, is_causal=is_causal, scale=scale)
