@@ -235,3 +235,18 @@ def test_upsample2x_conv_is_conv_of_the_nearest_upsample(shape):
     assert rel_err(up2d.apply(p, x, odd), want_odd) < 1e-6
     with pytest.raises(ValueError, match="3x3 kernel"):
         conv_blocks.Conv2D(7, 1, upsample_nearest2x=True).init(jax.random.key(0), x)
+
+
+def test_sana_linear_attention_cpu_form_matches_the_einsums(monkeypatch):
+    from blip3o_jax.models import sana
+
+    rs = np.random.RandomState(3)
+    q, k, v = (jnp.asarray(np.maximum(rs.randn(2, 9, 3, 4), 0), jnp.float32) for _ in range(3))
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", "tpu")
+    want = sana.relu_linear_attention(q, k, v)
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", "cpu")
+    got = sana.relu_linear_attention(q, k, v)
+    assert got.shape == want.shape == (2, 9, 3, 4)
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got[0, 0, 0], np.asarray(v[0, :, 0]).T @ (np.asarray(k[0, :, 0]) @ np.asarray(q[0, 0, 0]))
+                   / (np.asarray(k[0, :, 0]).sum(0) @ np.asarray(q[0, 0, 0]) + sana.LINEAR_ATTN_EPS)) < 1e-5

@@ -276,13 +276,26 @@ class LinearAttention(nn.Module):
             jax.nn.relu(t.astype(jnp.float32)).reshape(b, length, heads, head_dim), _HEADS)
         q, k = split(q), split(k)
         v = nn.with_logical_constraint(v.astype(jnp.float32).reshape(b, length, heads, head_dim), _HEADS)
-        hi = jax.lax.Precision.HIGHEST
-        kv = jnp.einsum("blhd,blhe->bhde", k, v, precision=hi)  # (B, H, d_k, d_v)
-        numerator = jnp.einsum("blhd,bhde->blhe", q, kv, precision=hi)
-        denominator = jnp.einsum("blhd,bhd->blh", q, jnp.sum(k, axis=1), precision=hi)
-        out = numerator / (denominator[..., None] + LINEAR_ATTN_EPS)
+        out = relu_linear_attention(q, k, v)
         out = out.reshape(b, length, cfg.inner_dim).astype(layers.to_dtype(cfg.dtype))
         return _dense(cfg, cfg.inner_dim, ("heads", "embed"), True, "to_out")(out)
+
+
+def relu_linear_attention(q, k, v):
+    """out[b, l, h] = (sum_j v_j (k_j . q_l)) / (sum_j k_j . q_l + eps), fp32 at HIGHEST precision; q, k, v (B, L,
+    H, d). For a CPU program (`layers.target_platform`) the two contractions run as heads-major batched matmuls
+    (explicit transposes): XLA:CPU runs the einsums' token-axis contraction ~2x slower at SANA's shapes."""
+    hi = jax.lax.Precision.HIGHEST
+    if layers.target_platform() == "cpu":
+        kv = jnp.matmul(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), precision=hi)  # (B, H, d_k, d_v)
+        qt = q.transpose(0, 2, 1, 3)  # (B, H, L, d_k)
+        numerator = jnp.matmul(qt, kv, precision=hi)
+        denominator = jnp.matmul(qt, jnp.sum(k, axis=1)[..., None], precision=hi)  # (B, H, L, 1)
+        return (numerator / (denominator + LINEAR_ATTN_EPS)).transpose(0, 2, 1, 3)
+    kv = jnp.einsum("blhd,blhe->bhde", k, v, precision=hi)  # (B, H, d_k, d_v)
+    numerator = jnp.einsum("blhd,bhde->blhe", q, kv, precision=hi)
+    denominator = jnp.einsum("blhd,bhd->blh", q, jnp.sum(k, axis=1), precision=hi)
+    return numerator / (denominator[..., None] + LINEAR_ATTN_EPS)
 
 
 class CrossAttention(nn.Module):
