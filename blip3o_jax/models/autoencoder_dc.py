@@ -224,11 +224,17 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1, use_bias: bool
     """torch `nn.Conv2d(padding=k // 2)` channels-last: kernel (kh, kw, in, out); `axes` are the logical names of
     (in, out). The depthwise convolutions are `layers.DepthwiseConv`."""
     pad = kernel_size // 2
+    kernel_init, bias_init = _conv_inits(axes)
     return nn.Conv(
         features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=layers.partitioned(layers.torch_linear_init(fan_in_axes=3), (None, None, *axes)),
-        bias_init=layers.partitioned(nn.initializers.zeros, axes[-1:]), name=name)
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+        name=name)
+
+
+def _conv_inits(axes: tuple):
+    """(kernel_init, bias_init) of `conv` (torch Conv2d's default init, logical axes (in, out) of `axes`)."""
+    return (layers.partitioned(layers.torch_linear_init(fan_in_axes=3), (None, None, *axes)),
+            layers.partitioned(nn.initializers.zeros, axes[-1:]))
 
 
 class ChannelRMSNorm(nn.Module):
@@ -468,11 +474,9 @@ class UpsampleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", layers.partitioned(layers.torch_linear_init(fan_in_axes=3),
-                                                         (None, None, *self.axes)),
-                            (3, 3, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", layers.partitioned(nn.initializers.zeros, self.axes[-1:]), (self.features,),
-                          self.param_dtype)
+        kernel_init, bias_init = _conv_inits(self.axes)
+        kernel = self.param("kernel", kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         return conv_blocks.upsample2x_conv(x.astype(self.dtype), kernel, self.dtype) + bias.astype(self.dtype)
 
 
