@@ -48,6 +48,17 @@ def decode_layout(kind: str, module, params):
     return unrolled(kind, module.cfg, params)
 
 
+def with_kernel_layout(cfg, layout: str):
+    """`cfg` with `kernel_layout=layout` in it and in every nested config dataclass that has the field."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    changes = {f.name: with_kernel_layout(getattr(cfg, f.name), layout) for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if hasattr(cfg, "kernel_layout") and cfg.kernel_layout != layout:
+        changes["kernel_layout"] = layout
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def unrolled(kind: str, cfg, params):
     """(module, params) of registered model `kind` in the unrolled layer layout (`scan_layers=False` throughout):
     the same numbers, one set of weights per layer.
@@ -58,42 +69,45 @@ def unrolled(kind: str, cfg, params):
     directly, so there the scanned layout (one compiled layer, faster compiles) costs nothing. Call once after
     loading: the stacked arrays are sliced (copied) here, outside any loop.
 
-    On a CPU a tied LM head also gets its own (hidden, vocab) copy of the embedding (`tie_word_embeddings=False`,
-    `lm_head` = embedding transposed: the same logits): XLA:CPU's matrix-vector kernels read a (vocab, hidden)
-    matrix against its rows ~1.5x slower than a (hidden, vocab) one (11 vs 16 GB/s measured), and the head is the
-    largest matrix a decode step reads."""
+    On a CPU the language model's dense kernels are also stored transposed, in torch's (out, in) layout
+    (`kernel_layout="out_in"`, parameters named `weight`), and a tied LM head reads the (vocab, hidden) embedding
+    as such: XLA:CPU's matmul reads a weight ~1.5-2x faster as the left operand of a few-row product than as the
+    right one (`layers.matmul_out_in`), and a decode step is little else than reading every weight once."""
     import flax.linen as nn
 
     from blip3o_jax import models, pretrained
     from blip3o_jax.models import registry
 
     flat_cfg = without_scan(cfg)
-    untie = layers.target_platform() == "cpu"
-    if untie:
-        flat_cfg = _switched_off(flat_cfg, "tie_word_embeddings")
+    if layers.target_platform() == "cpu":
+        flat_cfg = with_kernel_layout(flat_cfg, "out_in")
     if flat_cfg == cfg:
         return models.build(kind, cfg), params
     module = models.build(kind, flat_cfg)
     args, kwargs, method = registry.get(kind).init_args(flat_cfg)
     want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method, **kwargs))["params"]
     want = nn.meta.unbox(want)
-    params = pretrained.relayout(params, want)
-    if untie:
-        params = _with_lm_head(params, want)
+    params = _as_out_in(pretrained.relayout(params, _as_in_out(want)), want)
     got = jax.tree.map(lambda a: tuple(a.shape), params)
     if got != jax.tree.map(lambda a: tuple(a.shape), want):
         raise ValueError(f"unrolled({kind!r}): params do not match the config's layout")
     return module, params
 
 
-def _with_lm_head(params, want):
-    """Fills each `lm_head/kernel` that `want` has and `params` lacks with its sibling embedding, transposed."""
+def _as_in_out(want):
+    """`want` with each `weight` (out, in) named `kernel` again (its shape is not used by `pretrained.relayout`)."""
+    if not isinstance(want, dict):
+        return want
+    return {("kernel" if k == "weight" and "kernel" not in want else k): _as_in_out(v) for k, v in want.items()}
+
+
+def _as_out_in(params, want):
+    """`params` with each dense `kernel` (in, out) that `want` holds as a `weight` (out, in) transposed into it."""
     if not isinstance(want, dict) or not isinstance(params, dict):
         return params
-    out = {k: _with_lm_head(params[k], v) if k in params else params.get(k) for k, v in want.items()}
-    out = {k: v for k, v in out.items() if v is not None}
-    if "lm_head" in want and "lm_head" not in params and "embed_tokens" in params:
-        out["lm_head"] = {"kernel": jnp.asarray(params["embed_tokens"]["embedding"]).T.copy()}
+    out = {k: _as_out_in(v, want[k]) if k in want else v for k, v in params.items()}
+    if "weight" in want and "weight" not in out and "kernel" in out:
+        out["weight"] = jnp.asarray(out.pop("kernel")).T.copy()
     return out
 
 

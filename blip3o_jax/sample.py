@@ -900,6 +900,7 @@ def load_reader(model: str, dtype: str) -> Reader:
         import jax.numpy as jnp
 
         params = jax.tree.map(jnp.asarray, pretrained._cast(params, cfg.text.param_dtype))
+        module, params = generation.decode_layout("qwen2_5_vl", module, params)  # a CPU's (out, in) kernels
     tokenizer = _tokenizer(model)
     ids = prompts.special_ids(tokenizer)
     eos = [ids.im_end]

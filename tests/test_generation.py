@@ -125,7 +125,8 @@ def test_top_p_keeps_the_nucleus_only():
 @pytest.mark.parametrize("name", NAMES)
 def test_unrolled_decode_layout_same_tokens(models_and_prompts, name):
     """generation.unrolled: the per-layer weight layout decodes to the same tokens as transformers (and so as the
-    scanned layout above), and really is unrolled; on a CPU a tied LM head gets its own transposed copy."""
+    scanned layout above), and really is unrolled; on a CPU the dense kernels are stored in torch's (out, in)
+    layout as `weight`s (the tied head reads the embedding as such: no copy)."""
     from blip3o_jax.generation import unrolled
 
     kind, cfg, model, params, ids, mask = models_and_prompts[name]
@@ -135,15 +136,17 @@ def test_unrolled_decode_layout_same_tokens(models_and_prompts, name):
             jax.random.PRNGKey(0), *registry.get(kind).init_args(cfg)[0]))["params"])
     module, flat = unrolled(kind, cfg, params)
     assert not module.cfg.scan_layers
-    keys = "/".join(str(k) for path, _ in jax.tree_util.tree_flatten_with_path(flat)[0] for k in path)
-    assert "layers_0" in keys and f"layers_{cfg.num_hidden_layers - 1}" in keys
+    paths = ["/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(flat)[0]]
+    assert any("layers_0/" in p for p in paths) and any(f"layers_{cfg.num_hidden_layers - 1}/" in p for p in paths)
     size = lambda tree: sum(a.size for a in jax.tree.leaves(tree))  # noqa: E731
-    if cfg.tie_word_embeddings:  # this session's backend is the CPU
-        assert not module.cfg.tie_word_embeddings and "lm_head" in flat
-        np.testing.assert_array_equal(flat["lm_head"]["kernel"], np.asarray(params["embed_tokens"]["embedding"]).T)
-        assert size(flat) == size(params) + cfg.vocab_size * cfg.hidden_size
-    else:
-        assert size(flat) == size(params)
+    assert size(flat) == size(params)
+    # this session's backend is the CPU: (out, in) weights, no (in, out) kernel left
+    assert module.cfg.kernel_layout == "out_in" and not any(p.endswith("kernel") for p in paths)
+    np.testing.assert_array_equal(flat["layers_0"]["mlp"]["down_proj"]["weight"],
+                                  np.asarray(params["layers"]["mlp"]["down_proj"]["kernel"][0]).T)
+    assert module.cfg.tie_word_embeddings == cfg.tie_word_embeddings
+    assert ("lm_head" in flat) == (not cfg.tie_word_embeddings)
     never = [cfg.vocab_size + 5]
     ours = np.asarray(generate(module, flat, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=never,
                                pad_token_id=PAD))

@@ -173,6 +173,39 @@ def test_attention_takes_the_cpu_arrangement_only_for_a_cpu_program(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Dense in torch's (out, in) layout (the CPU decode layout)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+@pytest.mark.parametrize("lead", [(4, 1), (3, 7), (2, 100)])  # decode rows, few rows, prefill rows (> SMALL_ROWS)
+def test_dense_out_in_is_the_in_out_dense_transposed(platform, lead, monkeypatch):
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", platform)
+    rs = np.random.RandomState(2)
+    x = jnp.asarray(rs.randn(*lead, 24), jnp.float32)
+    ref = layers.Dense(40, kernel_axes=("embed", "mlp"))
+    oi = layers.Dense(40, kernel_axes=("embed", "mlp"), kernel_layout="out_in")
+    p_ref = nn.unbox(ref.init(jax.random.key(3), x))["params"]
+    p_oi = nn.unbox(oi.init(jax.random.key(3), x))["params"]
+    # the same init, transposed, under a name that cannot be read in the other layout
+    assert set(p_oi) == {"weight", "bias"} and p_oi["weight"].shape == (40, 24)
+    np.testing.assert_array_equal(p_oi["weight"], p_ref["kernel"].T)
+    bias = jnp.asarray(rs.randn(40), jnp.float32)
+    want = ref.apply({"params": {"kernel": p_ref["kernel"], "bias": bias}}, x)
+    got = oi.apply({"params": {"weight": p_ref["kernel"].T, "bias": bias}}, x)
+    assert got.shape == (*lead, 40)
+    assert rel_err(got, want) < 1e-6
+    # a CPU program with few rows takes the weight-as-left-operand form; many rows contract directly
+    hlo = jax.jit(lambda x: oi.apply({"params": {"weight": p_oi["weight"], "bias": bias}}, x)).lower(x).as_text()
+    rows = int(np.prod(lead))
+    assert ("optimization_barrier" in hlo) == (platform == "cpu" and rows <= layers.SMALL_ROWS)
+
+
+def test_dense_rejects_an_unknown_kernel_layout():
+    with pytest.raises(ValueError, match="kernel_layout"):
+        layers.Dense(4, kernel_layout="io").init(jax.random.key(0), jnp.ones((1, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # conv_blocks: the CPU forms (per-channel GroupNorm statistics, 1x1 convolutions as matmuls)
 
 

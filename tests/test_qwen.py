@@ -151,19 +151,41 @@ def test_prefix_cache_equals_full_sequence(converted):
         assert rel_err(h_cached[b], np.asarray(h_row[0, n:])) <= 1e-5
 
 
-def test_incremental_decoding_matches_full_forward(converted):
-    """Prefill a left-padded prompt, then feed tokens one by one: logits equal the full-sequence forward."""
+@pytest.mark.parametrize("layout", ["config", "unrolled_cpu", "unrolled_gpu"])
+def test_incremental_decoding_matches_full_forward(converted, layout, monkeypatch):
+    """Prefill a left-padded prompt, then feed tokens one by one: logits equal the full-sequence forward. Also in
+    the decode layouts of `generation.unrolled`: per-layer cache buffers, and in a CPU program (out, in) weights
+    and heads-major caches."""
+    from blip3o_jax.generation import unrolled
+
     kind, cfg, _, params, _ = converted["qwen3_untied"]
     module = models.build(kind, cfg)
+    if layout != "config":
+        monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", layout.split("_")[1])
+        ref_module, ref_params = module, params
+        module, params = unrolled(kind, cfg, params)
+        assert module.cfg.kernel_layout == ("out_in" if layout == "unrolled_cpu" else "in_out")
+        with pytest.raises(ValueError, match="kernel_layout"):
+            dataclasses.replace(cfg, kernel_layout="oi")
+        cache = qwen.init_cache(module.cfg, 2, 16)
+        assert isinstance(cache["k"], tuple) and len(cache["k"]) == cfg.num_hidden_layers
+        K, Dh = cfg.num_key_value_heads, cfg.head_dim
+        assert cache["k"][0].shape == ((2, K, Dh, 16) if layout == "unrolled_cpu" else (2, 16, K, Dh))
+        # a cache of the other layer layout is refused with a clear error
+        with pytest.raises(ValueError, match="init_cache"):
+            module.apply({"params": params}, np.ones((2, 3), np.int32), method=module.forward,
+                         cache=qwen.init_cache(dataclasses.replace(module.cfg, scan_layers=True), 2, 16))
     rng = np.random.RandomState(5)
     ids, mask = padded_batch(rng, cfg.vocab_size, [9, 5], 12)
     extra = rng.randint(3, cfg.vocab_size, (2, 4)).astype(np.int32)
     full_ids = np.concatenate([ids, extra], 1)
     full_mask = np.concatenate([mask, np.ones_like(extra)], 1)
-    ref = np.asarray(jax.jit(module.apply)({"params": params}, full_ids, full_mask))  # default cumsum positions
+    if layout == "config":
+        ref_module, ref_params = module, params
+    ref = np.asarray(jax.jit(ref_module.apply)({"params": ref_params}, full_ids, full_mask))  # cumsum positions
     step = jax.jit(lambda p, tok, m, cache: module.apply({"params": p}, tok, attention_mask=m, cache=cache,
                                                          method=module.forward))
-    _, logits, cache = step(params, ids, mask, qwen.init_cache(cfg, 2, 16))
+    _, logits, cache = step(params, ids, mask, qwen.init_cache(module.cfg, 2, 16))
     got = [np.asarray(logits)]
     for t in range(extra.shape[1]):  # default positions with a cache: valid keys seen so far
         _, logits, cache = step(params, extra[:, t:t + 1], np.ones((2, 1), np.int32), cache)

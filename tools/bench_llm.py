@@ -125,7 +125,7 @@ def main(_):
     # ---------------- ours
     @jax.jit
     def prefill(p, ids):
-        cache = qwen.init_cache(cfg, ids.shape[0], ids.shape[1] + N, layers.to_dtype(cfg.dtype))
+        cache = qwen.init_cache(dec_module.cfg, ids.shape[0], ids.shape[1] + N, layers.to_dtype(cfg.dtype))
         hidden, _, cache = dec_module.apply({"params": p}, ids, cache=cache, compute_logits=False,
                                             method=dec_module.forward)
         return dec_module.apply({"params": p}, hidden[:, -1:], method=dec_module.lm_logits)[:, 0], cache

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+KERNEL_LAYOUTS = ("in_out", "out_in")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -41,8 +42,30 @@ def target_platform() -> str:
     return os.environ.get("BLIP3O_TARGET_PLATFORM") or jax.default_backend()
 
 
+# a (rows, in) x (out, in) matmul with at most this many rows runs as (out, in) @ (in, rows) on a CPU (`matmul_out_in`)
+SMALL_ROWS = 64
+
+
+def matmul_out_in(x, weight, precision=None):
+    """`x @ weight.T` for a 2-D `x` (rows, in) and a weight in torch's (out, in) layout.
+
+    With few rows (a decode step: one token per sequence) a CPU program computes it as `(weight @ x.T).T`, the
+    weight as the matmul's left operand: XLA:CPU then runs a matrix-matrix kernel over the weight's rows that reads
+    it at ~1.5-2x the rate of the (rows, in) x (in, out) form, whose few-row GEMM reads 10-14 GB/s against a
+    ~27 GB/s stream on our 2-core test machine (docs/benchmarks.md). The barrier keeps XLA's simplifier from folding
+    the transpose back into the dot's operands. Other platforms, and many rows, contract the two `in` dims
+    directly (as fast as `x @ w_in_out` on XLA:CPU at prefill and training sizes)."""
+    if x.shape[0] <= SMALL_ROWS and target_platform() == "cpu":
+        return jax.lax.optimization_barrier(jnp.dot(weight, x.T, precision=precision)).T
+    return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ())), precision=precision)
+
+
 class Dense(nn.Module):
-    """Linear layer whose kernel is (in, out) = torch weight.T, annotated with logical axis names."""
+    """Linear layer whose kernel is (in, out) = torch weight.T, annotated with logical axis names.
+
+    `kernel_layout="out_in"` keeps the weight in torch's (out, in) layout instead, as a parameter named `weight`
+    (so that a tree can never be read in the wrong layout): the same numbers transposed, the same init. A decode
+    layout for CPUs (`generation.unrolled`; see `matmul_out_in`); training uses the default."""
 
     features: int
     use_bias: bool = True
@@ -52,20 +75,33 @@ class Dense(nn.Module):
     kernel_init: Callable = torch_linear_init()
     bias_init: Callable = nn.initializers.zeros
     precision: Any = None
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param(
-            "kernel", partitioned(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features), self.param_dtype
-        )
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ValueError(f"kernel_layout {self.kernel_layout!r}: expected one of {KERNEL_LAYOUTS}")
+        out_in = self.kernel_layout == "out_in"
+        if out_in:
+            init = self.kernel_init
+            kernel = self.param("weight", partitioned(lambda key, shape, dtype: init(key, shape[::-1], dtype).T,
+                                                      self.kernel_axes[::-1]),
+                                (self.features, x.shape[-1]), self.param_dtype)
+        else:
+            kernel = self.param(
+                "kernel", partitioned(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features),
+                self.param_dtype)
         # as one 2-D matmul: XLA:CPU runs the backward's weight gradient of a (B, L, D) input (a contraction over
         # two dims) ~1.7x slower than over one merged dim, and a 3-D forward slower too. Merging is a bitcast on
         # CPU and GPU, and on TPU when L is a multiple of the (8|16, 128) tile's rows; there other lengths (EVA's
         # 1025 tokens) stay 3-D
-        merge = x.ndim > 2 and (x.shape[-2] % 16 == 0 or target_platform() != "tpu")
+        merge = out_in or (x.ndim > 2 and (x.shape[-2] % 16 == 0 or target_platform() != "tpu"))
         lead = x.shape[:-1]
-        y = jnp.dot((x.reshape(-1, x.shape[-1]) if merge else x).astype(self.dtype), kernel.astype(self.dtype),
-                    precision=self.precision)
+        x2 = (x.reshape(-1, x.shape[-1]) if merge else x).astype(self.dtype)
+        if out_in:
+            y = matmul_out_in(x2, kernel.astype(self.dtype), precision=self.precision)
+        else:
+            y = jnp.dot(x2, kernel.astype(self.dtype), precision=self.precision)
         if merge:
             y = y.reshape(*lead, self.features)
         if self.use_bias:

@@ -50,6 +50,9 @@ class QwenConfig:
     remat: bool = False
     remat_policy: str = "full"
     attention_impl: str = "xla"  # "xla" (portable) | "cudnn" (GPU flash attention)
+    # "in_out" (Flax's (in, out) kernels) | "out_in" (torch's (out, in) `weight`s, and a tied head read as such):
+    # the decode layout `generation.unrolled` gives a CPU program (layers.matmul_out_in)
+    kernel_layout: str = "in_out"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -59,6 +62,8 @@ class QwenConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.kernel_layout not in layers.KERNEL_LAYOUTS:
+            raise ValueError(f"kernel_layout {self.kernel_layout!r}: expected one of {layers.KERNEL_LAYOUTS}")
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
             if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
@@ -223,15 +228,27 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
+def heads_major_cache(cfg: QwenConfig) -> bool:
+    """Whether `init_cache` lays each layer's k/v out heads-major, k (B, K, Dh, T), v (B, K, T, Dh): unrolled layers in a CPU program, where
+    attention's batched matmuls then read the cache as it is instead of transposing all of it every step."""
+    return not cfg.scan_layers and layers.target_platform() == "cpu"
+
+
 def init_cache(cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: k/v (n_layers, B, T, K, Dh), mask (B, T) of valid key slots, index of the next slot."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "mask": jnp.zeros((batch, max_len), jnp.bool_),
-        "index": jnp.zeros((), jnp.int32),
-    }
+    """An empty KV cache: k/v (n_layers, B, T, K, Dh), mask (B, T) of valid key slots, index of the next slot.
+
+    With `scan_layers=False` k/v are tuples of one buffer per layer, so that a decode step writes its token into
+    each in place and attends to it as is (slicing a layer out of a stacked cache and stacking the layers back
+    would copy the whole cache every step); in a CPU program k's buffers are (B, K, Dh, T) and v's (B, K, T, Dh) (`heads_major_cache`).
+    Build it for the config of the module that runs it."""
+    n, K, Dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    if cfg.scan_layers:
+        k, v = (jnp.zeros((n, batch, max_len, K, Dh), dtype) for _ in range(2))
+    else:
+        k_shape, v_shape = (((batch, K, Dh, max_len), (batch, K, max_len, Dh)) if heads_major_cache(cfg)
+                            else ((batch, max_len, K, Dh),) * 2)
+        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(n)) for shape in (k_shape, v_shape))
+    return {"k": k, "v": v, "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,7 +269,8 @@ class QwenAttention(nn.Module):
         B, L, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = functools.partial(
-            layers.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range)
+            layers.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range),
+            kernel_layout=cfg.kernel_layout,
         )
         q = dense(H * Dh, use_bias=cfg.attention_bias, kernel_axes=("embed", "heads"), name="q_proj")(x)
         k = dense(K * Dh, use_bias=cfg.attention_bias, kernel_axes=("embed", "kv_heads"), name="k_proj")(x)
@@ -264,7 +282,17 @@ class QwenAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         new_cache = None
-        if kv_cache is not None:
+        if kv_cache is not None and heads_major_cache(cfg):
+            # k (B, K, Dh, T), v (B, K, T, Dh): the operands of attention's two batched matmuls as they are (the
+            # transposes back cancel layers.attention's own on a CPU)
+            k_cache, v_cache = kv_cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                                   (0, 0, 0, cache_index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                   (0, 0, cache_index, 0))
+            new_cache = (k_cache, v_cache)
+            k, v = k_cache.transpose(0, 3, 1, 2).astype(dtype), v_cache.transpose(0, 2, 1, 3).astype(dtype)
+        elif kv_cache is not None:
             k_cache, v_cache = kv_cache  # (B, T, K, Dh) each
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
@@ -291,7 +319,7 @@ class QwenMLP(nn.Module):
         cfg = self.cfg
         dense = functools.partial(
             layers.Dense, use_bias=False, dtype=layers.to_dtype(cfg.dtype), param_dtype=layers.to_dtype(cfg.param_dtype),
-            kernel_init=nn.initializers.normal(cfg.initializer_range),
+            kernel_init=nn.initializers.normal(cfg.initializer_range), kernel_layout=cfg.kernel_layout,
         )
         gate = dense(cfg.intermediate_size, kernel_axes=("embed", "mlp"), name="gate_proj")(x)
         up = dense(cfg.intermediate_size, kernel_axes=("embed", "mlp"), name="up_proj")(x)
@@ -339,7 +367,7 @@ class QwenForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.Dense(
                 cfg.vocab_size, use_bias=False, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                kernel_init=nn.initializers.normal(cfg.initializer_range),
+                kernel_init=nn.initializers.normal(cfg.initializer_range), kernel_layout=cfg.kernel_layout,
             )
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -353,7 +381,13 @@ class QwenForCausalLM(nn.Module):
 
     def lm_logits(self, hidden):
         """fp32 logits of final-norm hidden states (tied: against the input embedding)."""
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.cfg.kernel_layout == "out_in":
+            # the (vocab, hidden) embedding is the head's weight in torch's layout already
+            dtype = layers.to_dtype(self.cfg.dtype)
+            logits = layers.matmul_out_in(hidden.reshape(-1, hidden.shape[-1]).astype(dtype),
+                                          self.embed_tokens.embedding.astype(dtype))
+            logits = logits.reshape(*hidden.shape[:-1], -1)
+        elif self.cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
@@ -395,8 +429,19 @@ class QwenForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(positions, cfg)
 
         kv = None if cache is None else (cache["k"], cache["v"])  # (n_layers, B, T, K, Dh) each
-        x, kv = layers.run_blocks(self.layers, x, cos, sin, mask, kv, cache_index, in_axes=_LAYER_IN_AXES,
-                                  with_outputs=True)
+        if kv is not None and isinstance(self.layers, (list, tuple)):  # one cache buffer per layer (init_cache)
+            if not isinstance(kv[0], (list, tuple)) or len(kv[0]) != len(self.layers):
+                raise ValueError("forward: a cache from init_cache of a config with the same scan_layers "
+                                 f"({cfg.scan_layers}) is needed")
+            ks, vs = [], []
+            for layer, k_i, v_i in zip(self.layers, *kv):
+                x, (k_i, v_i) = layer(x, cos, sin, mask, (k_i, v_i), cache_index)
+                ks.append(k_i)
+                vs.append(v_i)
+            kv = (tuple(ks), tuple(vs))
+        else:
+            x, kv = layers.run_blocks(self.layers, x, cos, sin, mask, kv, cache_index, in_axes=_LAYER_IN_AXES,
+                                      with_outputs=True)
         hidden = self.norm(x)
         new_cache = None
         if cache is not None:
