@@ -25,20 +25,20 @@ from blip3o_jax.models import qwen
 from blip3o_jax.models import qwen2_5_vl as qvl
 
 
-def _switched_off(cfg, field: str):
-    """`cfg` with boolean `field` False in it and in every nested config dataclass."""
+def _with_field(cfg, field: str, value):
+    """`cfg` with `field=value` in it and in every nested config dataclass that has the field."""
     if not dataclasses.is_dataclass(cfg):
         return cfg
-    changes = {f.name: _switched_off(getattr(cfg, f.name), field) for f in dataclasses.fields(cfg)
+    changes = {f.name: _with_field(getattr(cfg, f.name), field, value) for f in dataclasses.fields(cfg)
                if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    if getattr(cfg, field, False):
-        changes[field] = False
+    if hasattr(cfg, field) and getattr(cfg, field) != value:
+        changes[field] = value
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def without_scan(cfg):
     """`cfg` with `scan_layers=False` in it and in every nested config dataclass."""
-    return _switched_off(cfg, "scan_layers")
+    return _with_field(cfg, "scan_layers", False)
 
 
 def decode_layout(kind: str, module, params):
@@ -46,17 +46,6 @@ def decode_layout(kind: str, module, params):
     if jax.default_backend() == "tpu":
         return module, params
     return unrolled(kind, module.cfg, params)
-
-
-def with_kernel_layout(cfg, layout: str):
-    """`cfg` with `kernel_layout=layout` in it and in every nested config dataclass that has the field."""
-    if not dataclasses.is_dataclass(cfg):
-        return cfg
-    changes = {f.name: with_kernel_layout(getattr(cfg, f.name), layout) for f in dataclasses.fields(cfg)
-               if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    if hasattr(cfg, "kernel_layout") and cfg.kernel_layout != layout:
-        changes["kernel_layout"] = layout
-    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def unrolled(kind: str, cfg, params):
@@ -80,7 +69,7 @@ def unrolled(kind: str, cfg, params):
 
     flat_cfg = without_scan(cfg)
     if layers.target_platform() == "cpu":
-        flat_cfg = with_kernel_layout(flat_cfg, "out_in")
+        flat_cfg = _with_field(flat_cfg, "kernel_layout", "out_in")
     if flat_cfg == cfg:
         return models.build(kind, cfg), params
     module = models.build(kind, flat_cfg)

@@ -229,8 +229,9 @@ def apply_rope(x, cos, sin):
 
 
 def heads_major_cache(cfg: QwenConfig) -> bool:
-    """Whether `init_cache` lays each layer's k/v out heads-major, k (B, K, Dh, T), v (B, K, T, Dh): unrolled layers in a CPU program, where
-    attention's batched matmuls then read the cache as it is instead of transposing all of it every step."""
+    """Whether `init_cache` lays each layer's k/v out heads-major, k (B, K, Dh, T), v (B, K, T, Dh): unrolled
+    layers in a CPU program, where attention's batched matmuls then read the cache as it is instead of transposing
+    all of it every step."""
     return not cfg.scan_layers and layers.target_platform() == "cpu"
 
 
@@ -239,8 +240,8 @@ def init_cache(cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> 
 
     With `scan_layers=False` k/v are tuples of one buffer per layer, so that a decode step writes its token into
     each in place and attends to it as is (slicing a layer out of a stacked cache and stacking the layers back
-    would copy the whole cache every step); in a CPU program k's buffers are (B, K, Dh, T) and v's (B, K, T, Dh) (`heads_major_cache`).
-    Build it for the config of the module that runs it."""
+    would copy the whole cache every step); in a CPU program k's buffers are (B, K, Dh, T) and v's (B, K, T, Dh)
+    (`heads_major_cache`). Build it for the config of the module that runs it."""
     n, K, Dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     if cfg.scan_layers:
         k, v = (jnp.zeros((n, batch, max_len, K, Dh), dtype) for _ in range(2))
@@ -269,8 +270,8 @@ class QwenAttention(nn.Module):
         B, L, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = functools.partial(
-            layers.Dense, dtype=dtype, param_dtype=param_dtype, kernel_init=nn.initializers.normal(cfg.initializer_range),
-            kernel_layout=cfg.kernel_layout,
+            layers.Dense, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=nn.initializers.normal(cfg.initializer_range), kernel_layout=cfg.kernel_layout,
         )
         q = dense(H * Dh, use_bias=cfg.attention_bias, kernel_axes=("embed", "heads"), name="q_proj")(x)
         k = dense(K * Dh, use_bias=cfg.attention_bias, kernel_axes=("embed", "kv_heads"), name="k_proj")(x)
@@ -428,7 +429,7 @@ class QwenForCausalLM(nn.Module):
                 positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, L, axis=1)
         cos, sin = rope_cos_sin(positions, cfg)
 
-        kv = None if cache is None else (cache["k"], cache["v"])  # (n_layers, B, T, K, Dh) each
+        kv = None if cache is None else (cache["k"], cache["v"])  # stacked, or one buffer per layer (init_cache)
         if kv is not None and isinstance(self.layers, (list, tuple)):  # one cache buffer per layer (init_cache)
             if not isinstance(kv[0], (list, tuple)) or len(kv[0]) != len(self.layers):
                 raise ValueError("forward: a cache from init_cache of a config with the same scan_layers "
