@@ -96,7 +96,7 @@ def _as_out_in(params, want):
         return params
     out = {k: _as_out_in(v, want[k]) if k in want else v for k, v in params.items()}
     if "weight" in want and "weight" not in out and "kernel" in out:
-        out["weight"] = jnp.asarray(out.pop("kernel")).T.copy()
+        out["weight"] = jnp.asarray(out.pop("kernel")).T  # eager: a new (out, in) array
     return out
 
 
