@@ -374,11 +374,15 @@ COST_KEYS = ("flops", "optimal_seconds", "bytes accessed")
 
 
 def _cost_figures(config, target: Target, compiled, scanned: dict[str, int], cost_from: str):
-    """(HLO cost figures {COST_KEYS}, seconds spent on extra compiles, where the figures come from) of the train
-    step: the compiled program's own, or unrolled copies' when layers are scanned (see `plan`)."""
+    """(HLO cost figures {COST_KEYS}, seconds spent on extra compiles, where the figures come from, the figures
+    per tower or None) of the train step: the compiled program's own, or unrolled copies' when layers are scanned
+    (see `plan`). With "extrapolate", per tower: its layers' share ({COST_KEYS} x depth), plus "rest" (everything
+    outside the scanned layers: embeddings, heads, losses, the optimizer update, the other towers' unscanned
+    parts)."""
     cost = {k: float(_cost(compiled).get(k, 0.0)) for k in COST_KEYS}
     t_cost = 0.0
     cost_source = "as configured (no scanned layers)"
+    by_tower = None
     if scanned and cost_from == "unrolled":
         t0 = time.perf_counter()
         _, unrolled, _, _ = _compile(apply_overrides(config, scan_layers=False), target)
@@ -396,18 +400,51 @@ def _cost_figures(config, target: Target, compiled, scanned: dict[str, int], cos
         _, u1, _, _ = _compile(_with_towers(config, ones), target)
         u1_cost = {k: float(_cost(u1).get(k, 0.0)) for k in COST_KEYS}
         cost = dict(u1_cost)
+        by_tower = {"rest": dict(u1_cost)}
         for tower, n in scanned.items():
             two = {**ones, tower: {"scan_layers": False, LAYER_FIELDS[tower]: 2}}
             _, u2, _, _ = _compile(_with_towers(config, two), target)
             u2_cost = _cost(u2)
+            layer = {k: float(u2_cost.get(k, 0.0)) - u1_cost[k] for k in COST_KEYS}
+            by_tower[tower] = {**{k: n * layer[k] for k in COST_KEYS}, "layers": n}
             for k in COST_KEYS:
-                cost[k] += (n - 1) * (float(u2_cost.get(k, 0.0)) - u1_cost[k])
+                cost[k] += (n - 1) * layer[k]
+                by_tower["rest"][k] -= layer[k]
         t_cost = time.perf_counter() - t0
         cost_source = "unrolled, extrapolated from 1 and 2 layers of " + ", ".join(
             f"{t} (x{n})" for t, n in scanned.items())
     elif scanned:
         cost_source = "scanned: one layer per tower counted (too low)"
-    return cost, t_cost, cost_source
+    return cost, t_cost, cost_source, by_tower
+
+
+def tower_breakdown(r: dict) -> list[dict]:
+    """Where a plan's step time goes, per tower (plans compiled with `--cost extrapolate`; [] otherwise): XLA's
+    estimated seconds, the share of the step, HLO FLOPs and bytes per device, the tower's own roofline (FLOPs /
+    peak vs bytes / HBM bandwidth, and which one binds) and its model FLOPs' MFU at XLA's estimate, i.e. how far
+    each tower is from the chip's peak and why. Model FLOPs of the parts outside the towers' layers (embeddings,
+    heads) are counted with their tower's, so "rest" has none and a tower's MFU is a slight over-estimate."""
+    parts = r.get("cost_by_tower")
+    chip = r.get("chip_spec")
+    if not parts or not chip:
+        return []
+    per_chip = max(1, r["devices"] // r["chips"])
+    peak = chip["peak_flops"] / per_chip
+    bandwidth = chip["hbm_gbps"] * 1e9 / per_chip
+    step = r.get("estimated_step_s")
+    rows = []
+    for tower, c in parts.items():
+        compute_s, memory_s = c["flops"] / peak, c["bytes accessed"] / bandwidth
+        est = c["optimal_seconds"] if step is not None else None
+        model = r["model_flops_per_sample"].get(tower, 0.0) * r["global_batch"] / r["devices"]
+        rows.append({
+            "tower": tower, "layers": c.get("layers"), "estimated_s": est,
+            "share": None if est is None else est / step,
+            "hlo_flops": c["flops"], "hlo_bytes": c["bytes accessed"],
+            "roofline_s": max(compute_s, memory_s), "bound_by": "compute" if compute_s >= memory_s else "HBM",
+            "mfu": model / (peak * est) if est and model else None,
+        })
+    return rows
 
 
 def plan(config, target: Target, *, name: str = "config", cost_from: str = "extrapolate", setup=None) -> dict:
@@ -427,7 +464,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
     mesh = setup.mesh
     mem = compiled.memory_analysis()
     scanned = _scanned_towers(setup.model_cfg)
-    cost, t_cost, cost_source = _cost_figures(config, target, compiled, scanned, cost_from)
+    cost, t_cost, cost_source, by_tower = _cost_figures(config, target, compiled, scanned, cost_from)
     arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
@@ -477,6 +514,7 @@ def plan(config, target: Target, *, name: str = "config", cost_from: str = "extr
         "implied_mfu": None if est is None else model_flops_step / (n_dev * target.peak_per_device * est),
         "estimated_samples_per_s": None if est is None else B / est,
         "cost_source": cost_source,
+        "cost_by_tower": by_tower,
         "roofline_step_s": None,
         "roofline_bound_by": None,
         "roofline_mfu_bound": None,
@@ -540,6 +578,23 @@ def _flops(f: float) -> str:
     return f"{f / 1e6:.3g} MFLOP"
 
 
+def tower_lines(r: dict) -> list[str]:
+    """The plan's `tower_breakdown` as indented text lines ([] when it has none)."""
+    towers = tower_breakdown(r)
+    if not towers:
+        return []
+    lines = ["  per tower (XLA est. per step, share, HLO FLOPs and bytes per device, the tower's roofline, its model "
+             "FLOPs' MFU at XLA's estimate):"]
+    for t in towers:
+        depth = f" x{t['layers']}" if t["layers"] else ""
+        est = "-" if t["estimated_s"] is None else f"{t['estimated_s']:.3f} s ({100 * t['share']:.0f}%)"
+        mfu = "-" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+        lines.append(f"    {t['tower'] + depth:<16} {est:>16}  {_flops(t['hlo_flops']):>11}  "
+                     f"{_bytes(t['hlo_bytes']).strip():>11}  roofline {t['roofline_s']:.3f} s ({t['bound_by']})  "
+                     f"MFU {mfu}")
+    return lines
+
+
 def format_table(r: dict) -> str:
     g = _bytes
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -570,6 +625,7 @@ def format_table(r: dict) -> str:
     if r.get("roofline_step_s") is not None:
         lines.append(f"  roofline:     step >= {r['roofline_step_s']:.3f} s ({r['roofline_bound_by']}-bound: HLO FLOPs / "
                      f"peak vs HLO bytes / HBM bandwidth), MFU <= {100 * r['roofline_mfu_bound']:.1f}%")
+    lines += tower_lines(r)
     lines.append(f"  lowering {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"
                  + (f", cost compile {r['cost_compile_s']:.1f} s" if r["cost_compile_s"] else ""))
     return "\n".join(lines)
@@ -909,6 +965,8 @@ def search(config, target: Target, candidates: list[Candidate], *, name: str = "
             + (f" ({record['reason']})" if record.get("reason") else ""))
     ranked, rest, metric = rank(records)
     log(search_table(ranked, rest, metric))
+    if ranked and tower_lines(ranked[0]["plan"]):
+        log("\n".join(["best plan:", *tower_lines(ranked[0]["plan"])]))
     return {"search": True, "config": name, "topology": target.label, "metric": metric,
             "candidates": len(candidates), "compiled": compiled, "resumed": resumed,
             "ranking": [_summary(r, i + 1) for i, r in enumerate(ranked)] + [_summary(r, None) for r in rest],

@@ -63,6 +63,52 @@ def test_cpu_plan_of_the_tiny_config(tmp_path):
     assert r["estimated_step_s"] is None and r["fits"] is None  # no HBM, no TPU cost model on CPU
 
 
+def test_cost_per_tower_of_an_extrapolated_plan():
+    """`--cost extrapolate` (the default) with a scanned tower: the step's HLO FLOPs and bytes split into each
+    scanned tower's layers (one layer's cost from the 1- and 2-layer unrolled programs, times the depth) and the
+    rest, which sum to the whole; the table prints them with each tower's roofline."""
+    from blip3o_jax import plan as plan_lib
+
+    table, r = _run(sys.executable, [*SMALL, "--config.model.backbone.num_hidden_layers=2",
+                                     "--config.model.backbone.scan_layers=True", "--platform", "cpu",
+                                     "--num_devices", "8", "--device_spec", "hbm_gib=1,peak_tflops=1,hbm_gbps=10"])
+    assert r["cost_source"] == "unrolled, extrapolated from 1 and 2 layers of backbone (x2)"
+    parts = r["cost_by_tower"]
+    assert set(parts) == {"backbone", "rest"} and parts["backbone"]["layers"] == 2
+    for key, total in (("flops", r["hlo_flops_per_device"]), ("bytes accessed", r["hlo_bytes_accessed_per_device"])):
+        assert all(p[key] > 0 for p in parts.values()), key
+        assert abs(sum(p[key] for p in parts.values()) - total) <= 1e-4 * total, key
+    # two layers of 2 x (weights) x tokens per device in the forward alone: the backbone's share is at least that
+    assert parts["backbone"]["flops"] > 0.5 * r["model_flops_per_sample"]["backbone"] * r["global_batch"] / 8
+    rows = {row["tower"]: row for row in plan_lib.tower_breakdown(r)}
+    assert rows["backbone"]["bound_by"] in ("compute", "HBM") and rows["backbone"]["estimated_s"] is None
+    assert "per tower" in table and "backbone x2" in table and "rest" in table
+
+
+def test_tower_breakdown_arithmetic():
+    """A TPU plan's per-tower rows: XLA's seconds and share of the step, each tower's own roofline and bound, and
+    its model FLOPs' MFU at XLA's estimate (v5p: 459 TFLOP/s, 2765 GB/s per chip, one device per chip)."""
+    from blip3o_jax import plan as plan_lib
+
+    chip = {"name": "TPU v5p", "peak_flops": 459e12, "hbm_gbps": 2765, "hbm_gib": 95}
+    r = {"devices": 64, "chips": 64, "chip_spec": chip, "global_batch": 512, "estimated_step_s": 0.5,
+         "model_flops_per_sample": {"gen_encoder": 9e12, "dit": 0.5e12, "total": 9.5e12},
+         "cost_by_tower": {
+             "gen_encoder": {"flops": 80e12, "bytes accessed": 100e9, "optimal_seconds": 0.3, "layers": 64},
+             "dit": {"flops": 8e12, "bytes accessed": 200e9, "optimal_seconds": 0.15, "layers": 24},
+             "rest": {"flops": 1e12, "bytes accessed": 50e9, "optimal_seconds": 0.05}}}
+    rows = {row["tower"]: row for row in plan_lib.tower_breakdown(r)}
+    enc, dit, rest = rows["gen_encoder"], rows["dit"], rows["rest"]
+    assert enc["share"] == 0.3 / 0.5 and dit["share"] == 0.15 / 0.5 and enc["layers"] == 64
+    # encoder: compute 80e12 / 459e12 = 0.174 s > HBM 100e9 / 2765e9 = 0.036 s
+    assert enc["bound_by"] == "compute" and abs(enc["roofline_s"] - 80e12 / 459e12) < 1e-9
+    # DiT: HBM 200e9 / 2765e9 = 0.072 s > compute 8e12 / 459e12 = 0.017 s
+    assert dit["bound_by"] == "HBM" and abs(dit["roofline_s"] - 200e9 / 2765e9) < 1e-9
+    # MFU: model FLOPs per device (9e12 x 512 / 64) over (peak x the tower's estimated seconds)
+    assert abs(enc["mfu"] - 9e12 * 512 / 64 / (459e12 * 0.3)) < 1e-12 and rest["mfu"] is None
+    assert plan_lib.tower_breakdown({**r, "cost_by_tower": None}) == []
+
+
 def _whole_state_bytes() -> int:
     import jax
     import numpy as np
