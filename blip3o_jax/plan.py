@@ -423,7 +423,10 @@ def tower_breakdown(r: dict) -> list[dict]:
     estimated seconds, the share of the step, HLO FLOPs and bytes per device, the tower's own roofline (FLOPs /
     peak vs bytes / HBM bandwidth, and which one binds) and its model FLOPs' MFU at XLA's estimate, i.e. how far
     each tower is from the chip's peak and why. Model FLOPs of the parts outside the towers' layers (embeddings,
-    heads) are counted with their tower's, so "rest" has none and a tower's MFU is a slight over-estimate."""
+    heads) are counted with their tower's, so "rest" has none and a tower's MFU is a slight over-estimate. "rest"
+    is the 1-layer program less one full layer of each tower, so it comes out negative where a tower's last layer
+    is partly dead code (the backbone's prompt pass with prefix-cached queries: of its last layer only what the
+    cache needs is computed); the tower's row then counts that last layer in full."""
     parts = r.get("cost_by_tower")
     chip = r.get("chip_spec")
     if not parts or not chip:
@@ -568,12 +571,12 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def _bytes(b: float) -> str:
-    return f"{b / GiB:8.2f} GiB" if b >= GiB else f"{b / 1024**2:8.2f} MiB"
+    return f"{b / GiB:8.2f} GiB" if abs(b) >= GiB else f"{b / 1024**2:8.2f} MiB"
 
 
 def _flops(f: float) -> str:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if f >= scale:
+        if abs(f) >= scale:
             return f"{f / scale:.3g} {unit}"
     return f"{f / 1e6:.3g} MFLOP"
 
