@@ -436,7 +436,7 @@ def tower_breakdown(r: dict) -> list[dict]:
     bandwidth = chip["hbm_gbps"] * 1e9 / per_chip
     step = r.get("estimated_step_s")
     rows = []
-    for tower, c in parts.items():
+    for tower, c in sorted(parts.items(), key=lambda item: item[0] == "rest"):  # the towers, then the rest
         compute_s, memory_s = c["flops"] / peak, c["bytes accessed"] / bandwidth
         est = c["optimal_seconds"] if step is not None else None
         model = r["model_flops_per_sample"].get(tower, 0.0) * r["global_batch"] / r["devices"]
