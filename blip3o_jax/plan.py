@@ -968,8 +968,9 @@ def search(config, target: Target, candidates: list[Candidate], *, name: str = "
             + (f" ({record['reason']})" if record.get("reason") else ""))
     ranked, rest, metric = rank(records)
     log(search_table(ranked, rest, metric))
-    if ranked and tower_lines(ranked[0]["plan"]):
-        log("\n".join(["best plan:", *tower_lines(ranked[0]["plan"])]))
+    best_towers = tower_lines(ranked[0]["plan"]) if ranked else []
+    if best_towers:
+        log("\n".join(["best plan:", *best_towers]))
     return {"search": True, "config": name, "topology": target.label, "metric": metric,
             "candidates": len(candidates), "compiled": compiled, "resumed": resumed,
             "ranking": [_summary(r, i + 1) for i, r in enumerate(ranked)] + [_summary(r, None) for r in rest],
