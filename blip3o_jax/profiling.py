@@ -51,6 +51,8 @@ class OpRow:
     self_us: float = 0.0
     where: str = ""
     module: str = ""
+    opcode: str = ""
+    async_us: float = 0.0  # of self_us: estimated time of an asynchronous op after its launch (see _attribute_gaps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,10 +95,21 @@ _PROJECTION = re.compile(r"(proj|dense|linear|fc\d*|qkv|to_[qkv]|to_out[^/]*|out
                          r"kernel|mlp[^/]*|lm_head|head)/[^/]*$")
 
 
+_ATTENTION_SCOPE = re.compile(r"attn|attention")  # attn1, self_attn, the VAE's mid-block attentions_0
+
+
+def _innermost_scope(op_name: str) -> str:
+    """The module an op was traced in: the last component of its name stack before the primitive's own name
+    (`.../attentions_0/transformer_blocks_0/ff/net_2/dot_general` -> `net_2`)."""
+    parts = [p for p in op_name.lower().split("/") if p and not re.match(
+        r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|while|body|cond|closed_call|core_call)\(", p)]
+    return parts[-2] if len(parts) >= 2 else ""
+
+
 def _is_attention(op_name: str) -> bool:
-    """A dot inside an attention scope that is not one of its projections (the scores or the weighted values)."""
-    op_name = op_name.lower()
-    return bool(re.search(r"attn|attention", op_name)) and not _PROJECTION.search(op_name)
+    """A dot traced directly in an attention module, not in one of its projections or in a module that merely sits
+    inside a block named after attention (the UNet's `attentions_0/.../ff`): the scores or the weighted values."""
+    return bool(_ATTENTION_SCOPE.search(_innermost_scope(op_name))) and not _PROJECTION.search(op_name.lower())
 
 
 def _kind_of_opcodes(opcodes: list[tuple]) -> tuple[str, str]:
@@ -115,7 +128,8 @@ def _kind_of_opcodes(opcodes: list[tuple]) -> tuple[str, str]:
         return "gather/scatter", first("gather", "scatter")
     if ops & {"dynamic-slice", "dynamic-update-slice"}:
         return "dynamic-slice/update", first("dynamic-slice", "dynamic-update-slice")
-    if "softmax" in names or (re.search(r"attn|attention", names) and "exponential" in ops):
+    if "softmax" in names or any(o[0] == "exponential" and _ATTENTION_SCOPE.search(_innermost_scope(o[1]))
+                                 for o in opcodes):
         return "softmax", first("exponential", "reduce")
     if re.search(r"norm|rsqrt", names) and ("reduce" in ops or "rsqrt" in ops):
         return "norm", first("rsqrt", "reduce")
@@ -203,6 +217,8 @@ def analyze_jax_trace(name: str, out_dir: str, *, wall_s: float, calls: int) -> 
     data = ProfileData.from_file(paths[-1])
     modules = _load_modules(os.path.join(out_dir, "hlo"))
     rows: dict[tuple, OpRow] = {}
+    leaves: list[tuple] = []  # (start, end, key) of every op event, all threads
+    windows: list[tuple] = []
     for plane in data.planes:
         for line in plane.lines:
             events = []
@@ -224,7 +240,45 @@ def analyze_jax_trace(name: str, out_dir: str, *, wall_s: float, calls: int) -> 
                 if stack:
                     rows[stack[-1][1]].self_us -= dur / 1e3
                 stack.append([start + dur, key])
-    return _write_table(name, list(rows.values()), wall_s, calls, out_dir, framework="jax")
+                leaves.append((start, start + dur, key))
+            for ev in line.events:
+                if ev.name.startswith("ThunkExecutor::Execute (wait"):  # a program's execution, as its caller waits
+                    windows.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+    gaps = _attribute_gaps([e for e in leaves if rows[e[2]].kind != "control"], windows, rows)
+    return _write_table(name, list(rows.values()), wall_s, calls, out_dir, framework="jax", gaps=gaps)
+
+
+# XLA:CPU runs a dot or convolution that YNNPACK does not take (e.g. a weight gradient `x.T @ dy`, whose left
+# operand is transposed) on its Eigen threads asynchronously: the trace's event for it ends at the launch.
+_ASYNC_OPCODES = ("dot", "convolution")
+
+
+def _attribute_gaps(leaves: list[tuple], windows: list[tuple], rows: dict) -> dict:
+    """Gaps in the trace, while a program runs, where no op runs on any thread. A gap right after an asynchronous
+    op's launch is that op computing: its length is added to the op's row (`async_us`, part of `self_us`; a lower
+    bound, as the op also runs alongside later ops). Other gaps are idle. Returns the totals in microseconds."""
+    def inside(a, b):  # the part of (a, b) within the programs' executions (all of it when none was recorded)
+        if not windows:
+            return b - a
+        return sum(max(0, min(b, we) - max(a, ws)) for ws, we in windows)
+
+    leaves = sorted(leaves)
+    async_ns = idle_ns = 0
+    cover_end, last = None, None
+    for start, end, key in leaves:
+        if cover_end is not None and start > cover_end:
+            gap = inside(cover_end, start)
+            row = rows[last]
+            if row.opcode in _ASYNC_OPCODES:
+                row.async_us += gap / 1e3
+                row.self_us += gap / 1e3
+                async_ns += gap
+            else:
+                idle_ns += gap
+        if cover_end is None or end > cover_end:
+            cover_end, last = end, key
+    return {"async_us": async_ns / 1e3, "idle_us": idle_ns / 1e3,
+            "async_ops": sum(1 for r in rows.values() if r.opcode in _ASYNC_OPCODES)}
 
 
 def _describe(key, modules) -> OpRow:
@@ -233,7 +287,8 @@ def _describe(key, modules) -> OpRow:
     if module is None or op not in module:
         return OpRow(op, "other", module=file or module_name)
     kind, op_name = hlo_kind(module[op], module)
-    return OpRow(op, kind, where=short_where(op_name or module[op]["op_name"]), module=file)
+    return OpRow(op, kind, where=short_where(op_name or module[op]["op_name"]), module=file,
+                 opcode=module[op]["opcode"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +380,7 @@ def profile_python(name: str, fn: Callable[[], Any], out_dir: str, *, top: int =
 
 
 def _write_table(name: str, rows: list[OpRow], wall_s: float, calls: int, out_dir: str, *, framework: str,
-                 top: int = 60) -> dict:
+                 top: int = 60, gaps: dict | None = None) -> dict:
     rows = sorted(rows, key=lambda r: -r.self_us)
     total_us = sum(r.self_us for r in rows) or 1.0
     by_kind = collections.Counter()
@@ -336,12 +391,21 @@ def _write_table(name: str, rows: list[OpRow], wall_s: float, calls: int, out_di
              f"{calls} profiled calls; wall {1e3 * wall_s:.1f} ms per call; ops' self time "
              f"{per_call(total_us):.1f} ms per call (summed over threads)", "",
              "| kind | ms per call | share |", "|---|---|---|"]
+    if gaps is not None:
+        lines[4:4] = [
+            f"Asynchronous ops: XLA:CPU runs the dots and convolutions YNNPACK does not take ({gaps['async_ops']} "
+            "ops here, e.g. weight gradients `x.T @ dy`) on its Eigen threads, and the trace records only their "
+            "launch. Their time is estimated from the gaps in which no op runs that follow a launch, and included "
+            f"in their rows (marked `async`): {per_call(gaps['async_us']):.1f} ms per call, a lower bound (they "
+            f"also run alongside later ops). Other gaps while the program runs: {per_call(gaps['idle_us']):.1f} "
+            "ms per call.", ""]
     for kind, us in by_kind.most_common():
         lines.append(f"| {kind} | {per_call(us):.2f} | {100 * us / total_us:.1f}% |")
     lines += ["", f"Top {min(top, len(rows))} of {len(rows)} ops:", "",
               "| op | kind | calls per call | ms per call | share | where |", "|---|---|---|---|---|---|"]
     for r in rows[:top]:
-        lines.append(f"| `{r.name}` | {r.kind} | {r.calls / calls:g} | {per_call(r.self_us):.3f} | "
+        mark = f" (async: {per_call(r.async_us):.3f} after the launch)" if r.async_us else ""
+        lines.append(f"| `{r.name}` | {r.kind} | {r.calls / calls:g} | {per_call(r.self_us):.3f}{mark} | "
                      f"{100 * r.self_us / total_us:.1f}% | {r.where.replace('|', '/')} |")
     modules = sorted({r.module for r in rows[:top] if r.module.endswith(".txt")})
     if modules:
@@ -349,8 +413,11 @@ def _write_table(name: str, rows: list[OpRow], wall_s: float, calls: int, out_di
     path = os.path.join(out_dir, f"{name}.ops.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"wall_ms": 1e3 * wall_s, "ops_ms": per_call(total_us), "table": path,
-            "by_kind_ms": {k: round(per_call(v), 3) for k, v in by_kind.most_common()}}
+    summary = {"wall_ms": 1e3 * wall_s, "ops_ms": per_call(total_us), "table": path,
+               "by_kind_ms": {k: round(per_call(v), 3) for k, v in by_kind.most_common()}}
+    if gaps is not None:
+        summary.update(async_est_ms=round(per_call(gaps["async_us"]), 3), idle_ms=round(per_call(gaps["idle_us"]), 3))
+    return summary
 
 
 def print_side_by_side(summaries: dict[str, dict]) -> None:

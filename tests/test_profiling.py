@@ -61,6 +61,41 @@ def test_hlo_ops_are_classified_by_what_they_fuse_and_named_by_their_source():
         "bwd: layers_0/mlp/up_proj/dot_general"
 
 
+def test_attention_is_the_module_an_op_was_traced_in_not_an_outer_block_named_after_it():
+    kind = lambda *ops: profiling._kind_of_opcodes(list(ops))[0]  # noqa: E731
+    unet = "jit(f)/UNet2DConditionModel/up_blocks_1/attentions_2/transformer_blocks_0"
+    # the UNet's Transformer2DModel blocks are `attentions_N`: their feed-forward is a dot, its GELU elementwise
+    assert kind(("dot", f"{unet}/ff/net_2/dot_general", "", None)) == "dot"
+    assert kind(("exponential", f"{unet}/ff/net_0/exp", "", None), ("multiply", f"{unet}/ff/net_0/mul", "", None)) \
+        == "elementwise"
+    assert kind(("dot", "jit(f)/UNet/down_blocks_1/attentions_0/proj_in/dot_general", "", None)) == "dot"
+    # the scores / weighted values of its attention modules, and their softmax
+    assert kind(("dot", f"{unet}/attn1/dot_general", "", None)) == "attention"
+    assert kind(("exponential", f"{unet}/attn2/exp", "", None), ("reduce", f"{unet}/attn2/reduce_max", "", None)) \
+        == "softmax"
+    # a VAE mid-block attention module is itself named attentions_0; the backward pass keeps the kinds
+    assert kind(("dot", "jit(f)/AutoencoderKL/decoder/mid_block/attentions_0/dot_general", "", None)) == "attention"
+    assert kind(("dot", "jit(s)/transpose(jvp(DiT))/DiT.blocks/layers_3/attn2/dot_general", "", None)) == "attention"
+    assert kind(("dot", "jit(s)/transpose(jvp(DiT))/DiT.blocks/layers_3/attn2/to_q/dot_general", "", None)) == "dot"
+
+
+def test_gaps_after_an_asynchronous_launch_are_that_ops_time():
+    rows = {"dot.1": profiling.OpRow("dot.1", "dot", self_us=1.0, opcode="dot"),
+            "fusion.1": profiling.OpRow("fusion.1", "elementwise", self_us=1.0, opcode="fusion"),
+            "fusion.2": profiling.OpRow("fusion.2", "elementwise", self_us=1.0, opcode="fusion")}
+    # ns: the dot's launch 0-1000, nothing runs until 5000 (the dot computing), the fusion 5000-6000, idle until
+    # 8000, a last fusion; a second program call after a pause (not inside any execution window: not counted)
+    leaves = [(0, 1000, "dot.1"), (5000, 6000, "fusion.1"), (8000, 9000, "fusion.2"),
+              (20000, 21000, "dot.1"), (30000, 31000, "fusion.1")]
+    gaps = profiling._attribute_gaps(leaves, [(0, 9000), (20000, 31000)], rows)
+    assert gaps == {"async_us": 4.0 + 9.0, "idle_us": 2.0, "async_ops": 1}
+    assert rows["dot.1"].async_us == 13.0 and rows["dot.1"].self_us == 14.0
+    assert rows["fusion.1"].self_us == 1.0 and rows["fusion.1"].async_us == 0.0
+    # no execution windows recorded: every gap counts
+    rows["dot.1"].async_us = 0.0
+    assert profiling._attribute_gaps(leaves[:3], [], rows)["async_us"] == 4.0
+
+
 def test_torch_ops_are_classified():
     assert profiling.torch_kind("aten::addmm") == "dot"
     assert profiling.torch_kind("aten::mm") == "dot"
