@@ -94,6 +94,9 @@ def emit(result: dict) -> None:
             return float(f"{v:.6g}")
         return v
 
+    from blip3o_jax import hostmem
+
+    result = {**result, "host_malloc": hostmem.state()}  # glibc's thresholds in this process (both sides')
     print(json.dumps(jax.tree.map(clean, result), sort_keys=False), flush=True)
 
 

@@ -101,6 +101,9 @@ def run(main: Callable[[list[str]], None], *, module: str | None = None, doc: st
                    TarIndexError)
     if module is not None:
         _help_of(module, doc)
+    from blip3o_jax import hostmem
+
+    hostmem.keep_freed_memory()  # XLA:CPU's per-call temporary buffers stay mapped (blip3o_jax/hostmem.py)
 
     def wrapped(argv):
         try:

@@ -302,4 +302,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from blip3o_jax import hostmem
+
+    hostmem.keep_freed_memory()  # both sides share the process: see blip3o_jax/hostmem.py
     main()

@@ -241,4 +241,7 @@ def main(_):
 
 
 if __name__ == "__main__":
+    from blip3o_jax import hostmem
+
+    hostmem.keep_freed_memory()  # both sides share the process: see blip3o_jax/hostmem.py
     app.run(main)
