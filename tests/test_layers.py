@@ -270,6 +270,25 @@ def test_upsample2x_conv_is_conv_of_the_nearest_upsample(shape):
         conv_blocks.Conv2D(7, 1, upsample_nearest2x=True).init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_upsample2x_conv_form_per_platform(platform, monkeypatch):
+    """Off TPU the four 2x2 phase convolutions (fewer FLOPs); for a TPU program the upsample then the 3x3 conv
+    (fewer HBM bytes there): the same values either way."""
+    from blip3o_jax.models import conv_blocks
+
+    monkeypatch.setenv("BLIP3O_TARGET_PLATFORM", platform)
+    rs = np.random.RandomState(3)
+    x = jnp.asarray(rs.randn(2, 4, 3, 5), jnp.float32)
+    kernel = jnp.asarray(rs.randn(3, 3, 5, 6), jnp.float32)
+    got = conv_blocks.upsample2x_conv(x, kernel, jnp.float32)
+    up = conv_blocks.nearest_resize(x, (8, 6))
+    want = jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert rel_err(got, want) < 1e-6
+    hlo = jax.jit(lambda x: conv_blocks.upsample2x_conv(x, kernel, jnp.float32)).lower(x).as_text()
+    # the phase form convolves the 4 x 5 x 3 input (padded) into 4 x 6 outputs; the other one the 8 x 6 upsample
+    assert ("x24xf32>" in hlo) == (platform != "tpu"), platform
+
+
 def test_sana_linear_attention_cpu_form_matches_the_einsums(monkeypatch):
     from blip3o_jax.models import sana
 

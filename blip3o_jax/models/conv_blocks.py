@@ -104,6 +104,9 @@ class Conv2D(nn.Module):
         return y
 
 
+_FORCE_PHASES = False  # the phase form on every platform (a measurement switch for tools/aot_decoder.py comparisons)
+
+
 def upsample2x_conv(x, kernel, dtype):
     """3x3 conv (padding 1) of the nearest x2 upsample of x (B, H, W, C), without upsampling first.
 
@@ -112,7 +115,15 @@ def upsample2x_conv(x, kernel, dtype):
     (-1, 0), or (K0 + K1, K2) at (0, +1) (zero padding maps to zero padding). So the four output phases are four
     2x2 convolutions of x, run as one (output channels 4 x C_out, x padded by 1, phase (a, b) read at offset (a, b)):
     4 instead of 9 multiply-adds per output pixel and channel pair, and no 4x-sized upsampled copy. Same math as
-    upsample-then-conv up to fp32 rounding (weights summed in their parameter dtype)."""
+    upsample-then-conv up to fp32 rounding (weights summed in their parameter dtype).
+
+    For a TPU program (`layers.target_platform()`) it stays upsample-then-conv: there the phase form's 4 x C_out-wide
+    output and its interleave move more HBM bytes than the FLOPs they save (the SDXL VAE decode on v5e, XLA's
+    estimate: 0.087 s upsampled, 0.108 s phased, docs/decoders_performance.md)."""
+    if layers.target_platform() == "tpu" and not _FORCE_PHASES:
+        return jax.lax.conv_general_dilated(nearest_resize(x, (2 * x.shape[1], 2 * x.shape[2])), kernel.astype(dtype),
+                                            window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
     b, h, w, _ = x.shape
     c_out = kernel.shape[-1]
     taps = ((lambda t: (t[0], t[1] + t[2])), (lambda t: (t[0] + t[1], t[2])))  # phase 0, phase 1
