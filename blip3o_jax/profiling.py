@@ -98,11 +98,18 @@ _PROJECTION = re.compile(r"(proj|dense|linear|fc\d*|qkv|to_[qkv]|to_out[^/]*|out
 _ATTENTION_SCOPE = re.compile(r"attn|attention")  # attn1, self_attn, the VAE's mid-block attentions_0
 
 
+_TRANSFORM = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|while|body|cond|closed_call|core_call)\(")
+
+
+def _name_stack(op_name: str) -> list[str]:
+    """The op's jax/flax name stack without the `jit(...)` wrappers and transform markers."""
+    return [p for p in op_name.split("/") if p and not _TRANSFORM.match(p)]
+
+
 def _innermost_scope(op_name: str) -> str:
     """The module an op was traced in: the last component of its name stack before the primitive's own name
     (`.../attentions_0/transformer_blocks_0/ff/net_2/dot_general` -> `net_2`)."""
-    parts = [p for p in op_name.lower().split("/") if p and not re.match(
-        r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|while|body|cond|closed_call|core_call)\(", p)]
+    parts = _name_stack(op_name.lower())
     return parts[-2] if len(parts) >= 2 else ""
 
 
@@ -169,8 +176,7 @@ def hlo_kind(info: dict, module: dict) -> tuple[str, str]:
 
 def short_where(op_name: str) -> str:
     """The op's jax/flax name stack without the `jit(...)` wrappers and transform markers, shortened."""
-    parts = [p for p in op_name.split("/") if p and not re.match(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|"
-                                                                  r"while|body|cond|closed_call|core_call)\(", p)]
+    parts = _name_stack(op_name)
     grad = "transpose(" in op_name
     where = "/".join(parts[-4:])
     return ("bwd: " if grad else "") + where
