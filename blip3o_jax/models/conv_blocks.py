@@ -104,9 +104,6 @@ class Conv2D(nn.Module):
         return y
 
 
-_FORCE_PHASES = False  # the phase form on every platform (a measurement switch for tools/aot_decoder.py comparisons)
-
-
 def upsample2x_conv(x, kernel, dtype):
     """3x3 conv (padding 1) of the nearest x2 upsample of x (B, H, W, C), without upsampling first.
 
@@ -120,7 +117,7 @@ def upsample2x_conv(x, kernel, dtype):
     For a TPU program (`layers.target_platform()`) it stays upsample-then-conv: there the phase form's 4 x C_out-wide
     output and its interleave move more HBM bytes than the FLOPs they save (the SDXL VAE decode on v5e, XLA's
     estimate: 0.087 s upsampled, 0.108 s phased, docs/decoders_performance.md)."""
-    if layers.target_platform() == "tpu" and not _FORCE_PHASES:
+    if layers.target_platform() == "tpu":
         return jax.lax.conv_general_dilated(nearest_resize(x, (2 * x.shape[1], 2 * x.shape[2])), kernel.astype(dtype),
                                             window_strides=(1, 1), padding=((1, 1), (1, 1)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
