@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CPU_TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_S = 5  # failure detection of a dead process (sharding.initialize_distributed)
@@ -58,7 +59,7 @@ def _env(num_devices: int, cache_dir: str, **extra) -> dict:
     env = dict(os.environ)
     env.update({
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices} {CPU_TEST_XLA_FLAGS}",
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
         # the 2-process launches compile the same program: the second reuses the first's executable
         "JAX_COMPILATION_CACHE_DIR": cache_dir,
