@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,30 +33,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from blip3o_jax import convert, models, profiling  # noqa: E402
-from blip3o_jax.benchmarking import block, emit, jax_matmul_peak, torch_matmul_peak  # noqa: E402
+from blip3o_jax.benchmarking import emit, jax_matmul_peak, paired_times, torch_matmul_peak  # noqa: E402
 from blip3o_jax.models.eva_clip import EvaClipConfig  # noqa: E402
 
 
-def paired_times(ours_fn, ref_fn, iters):
-    """Compile/first call of each, then `iters` rounds alternating ours and the reference, so that load changes
-    on a shared machine hit both alike; medians of each and the median of the per-round time ratios."""
-    t0 = time.perf_counter()
-    block(ours_fn())
-    first_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref_fn()
-    first_ref = time.perf_counter() - t0
-    ours, ref = [], []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        block(ours_fn())
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ref_fn()
-        ref.append(time.perf_counter() - t0)
-    return {"ours_s": statistics.median(ours), "ref_s": statistics.median(ref),
-            "ratio": statistics.median([r / o for o, r in zip(ours, ref)]),
-            "ours_first_call_s": first_ours, "ref_first_call_s": first_ref}
+def max_rel_diff(ours, ref) -> float:
+    """max|ours - ref| / max|ref|: both sides ran the same weights on the same images."""
+    ours, ref = np.asarray(ours, np.float32), ref.float().numpy()
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def vit_flops(tokens, width, depth, mlp_dim, patch_in, patches):
@@ -94,8 +76,7 @@ def bench_eva(args, torch):
     images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.inference_mode():
         times = paired_times(lambda: fwd(params, x), lambda: ref(images_t), args.iters)
-        max_rel = float(np.abs(np.asarray(fwd(params, x), np.float32) - ref(images_t).numpy()).max()
-                        / np.abs(ref(images_t).numpy()).max())
+        max_rel = max_rel_diff(fwd(params, x), ref(images_t))
     flops = vit_flops(cfg.num_patches + 1, cfg.width, cfg.layers, cfg.mlp_dim, 3 * cfg.patch_size**2, cfg.num_patches)
     full = EvaClipConfig()
     full_flops = vit_flops(full.num_patches + 1, full.width, full.layers, full.mlp_dim, 3 * full.patch_size**2, full.num_patches)
@@ -122,12 +103,13 @@ def bench_siglip(args, torch):
     images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.inference_mode():
         times = paired_times(lambda: fwd(params, x), lambda: ref(pixel_values=images_t).last_hidden_state, args.iters)
+        max_rel = max_rel_diff(fwd(params, x), ref(pixel_values=images_t).last_hidden_state)
     n = cfg.num_patches
     # separate q/k/v projections have the same FLOPs as a fused one
     flops = vit_flops(n, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, 3 * cfg.patch_size**2, n)
     runs = {"ours_siglip": ("jax", lambda: fwd(params, x)),
             "torch_siglip": ("torch", torch.inference_mode()(lambda: ref(pixel_values=images_t).last_hidden_state))}
-    return cfg, times, flops, runs
+    return cfg, times, flops, max_rel, runs
 
 
 def main():
@@ -178,11 +160,12 @@ def main():
                eva_clip_e_448_s_per_image_at_ours_rate=full_flops / (eva["ours_gflops_per_s"] * 1e9))
     result["eva"] = eva
     if args.siglip_depth > 0:
-        scfg, stimes, sflops, siglip_runs = bench_siglip(args, torch)
+        scfg, stimes, sflops, smax_rel, siglip_runs = bench_siglip(args, torch)
         runs.update(siglip_runs)
         result["siglip"] = section({"width": scfg.hidden_size, "depth": scfg.num_hidden_layers,
                                     "mlp": scfg.intermediate_size, "image": scfg.image_size, "patch": scfg.patch_size,
                                     "tokens": scfg.num_patches}, stimes, sflops)
+        result["siglip"]["max_rel_diff_vs_ref"] = smax_rel
     # peaks again after the work: on a shared machine the larger of the two is the better estimate of the hardware
     peaks.append((jax_matmul_peak(dtype=jnp.dtype(args.dtype)), torch_matmul_peak()))
     jax_peak, torch_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)
