@@ -150,6 +150,12 @@ def test_bench_llm_tiny_bf16_run_ends_with_its_json(llm_json):
         assert r[side]["gflops_per_s"] > 0 and 0 < r[side]["fraction_of_matmul_peak"]
     # both sides computed in bf16 from the same weights: last-token logits agree to bf16 precision
     assert r["prefill_last_logits_max_rel_diff"] < 5e-2
+    # the decode bound: one read of every weight per new token (the prefill gives the first, then N - 1 steps)
+    assert r["decode_weight_passes"] == r["decode_tokens"] == 2
+    assert r["weight_bytes"] == pytest.approx(2 * r["params_m"] * 1e6, rel=1e-5)  # bf16
+    bound = r["decode_weight_passes"] * r["weight_bytes"] / (r["memory_bandwidth_gb_s"] * 1e9)
+    assert r["decode_bandwidth_bound_s"] == pytest.approx(bound, rel=1e-4)
+    assert r["ours_decode_over_bandwidth_bound"] == pytest.approx(r["ours_decode"]["median_s"] / bound, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -181,9 +181,11 @@ def main(_):
     jax_peak = benchmarking.jax_matmul_peak(n=peak_n, dtype=layers.to_dtype(FLAGS.dtype))
     torch_peak = benchmarking.torch_matmul_peak(n=peak_n, dtype=torch_dtype, device=torch_device)
     bandwidth = benchmarking.memory_bandwidth(nbytes=(4 << 30) if on_gpu else (512 << 20))
-    # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather)
+    # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather).
+    # N new tokens take N passes on both sides: the short prefill gives the first, N - 1 decode steps the rest
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-    decode_bound_s = (N + 1) * weight_bytes / bandwidth  # N steps + the short prefill, each one pass
+    decode_passes = N
+    decode_bound_s = decode_passes * weight_bytes / bandwidth
     prefill_flops = qwen.count_flops(cfg, B, L, context=(L + 1) / 2, logits_tokens=B)
     decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N))  # + the short prefill
     decode_flops += qwen.count_flops(cfg, B, P, context=(P + 1) / 2, logits_tokens=B)
@@ -210,6 +212,8 @@ def main(_):
         "jax_matmul_peak_gflops": jax_peak / 1e9,
         "memory_bandwidth_gb_s": bandwidth / 1e9,
         "decode_layout": FLAGS.decode_layout,
+        "weight_bytes": weight_bytes,
+        "decode_weight_passes": decode_passes,
         "decode_bandwidth_bound_s": decode_bound_s,
         "ours_decode_over_bandwidth_bound": timing["ours_decode"]["median_s"] / decode_bound_s,
         "hf_decode_over_bandwidth_bound": timing["hf_decode"]["median_s"] / decode_bound_s,
