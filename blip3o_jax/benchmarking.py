@@ -64,13 +64,44 @@ def jax_matmul_peak(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
     return 2 * n**3 / t["median_s"]
 
 
+class BandwidthMeter:
+    """Achieved read bandwidth (bytes/s) of the default device, sampled through a run: a jitted sum over an fp32
+    array of `nbytes`, far larger than the caches (the bound of a step that must read that many bytes once). Each
+    `sample()` is the median of `iters` sums. On a shared machine the rate moves from minute to minute (25-48 GB/s
+    within one hour on our 2-core test machine), so a bench samples it next to its timed rounds and bounds them
+    with the median of all samples (`median()`), not with one reading taken at another moment."""
+
+    def __init__(self, nbytes: int = 512 << 20, iters: int = 3):
+        self.x = jnp.ones((nbytes // 4,), jnp.float32)
+        self.f = jax.jit(jnp.sum)
+        self.iters = iters
+        self.samples: list[float] = []
+        block(self.f(self.x))  # compile and first touch: not a sample
+
+    def sample(self) -> float:
+        times = []
+        for _ in range(self.iters):
+            t0 = time.perf_counter()
+            block(self.f(self.x))
+            times.append(time.perf_counter() - t0)
+        self.samples.append(self.x.nbytes / statistics.median(times))
+        return self.samples[-1]
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def release(self) -> None:
+        """Frees the array (the samples stay)."""
+        self.x = None
+
+
 def memory_bandwidth(nbytes: int = 512 << 20, iters: int = 5) -> float:
-    """Achieved read bandwidth (bytes/s) of the default device: a jitted sum over an fp32 array of `nbytes`, far
-    larger than the caches; the bound of a step that must read that many bytes once."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(jnp.sum)
-    t = time_it(lambda: f(x), warmup=2, iters=iters)
-    return x.nbytes / t["median_s"]
+    """One `BandwidthMeter` sample of `iters` sums: the machine's read bandwidth now."""
+    meter = BandwidthMeter(nbytes, iters)
+    try:
+        return meter.sample()
+    finally:
+        meter.release()
 
 
 def torch_matmul_peak(n: int = 2048, iters: int = 5, dtype=None, device=None) -> float:

@@ -153,6 +153,10 @@ def test_bench_llm_tiny_bf16_run_ends_with_its_json(llm_json):
     # the decode bound: one read of every weight per new token (the prefill gives the first, then N - 1 steps)
     assert r["decode_weight_passes"] == r["decode_tokens"] == 2
     assert r["weight_bytes"] == pytest.approx(2 * r["params_m"] * 1e6, rel=1e-5)  # bf16
+    # bandwidth sampled next to each timed decode (--iters 1) and once after: the median of the samples bounds
+    samples = r["memory_bandwidth_samples_gb_s"]
+    assert len(samples) == 2 and min(samples) > 0
+    assert r["memory_bandwidth_gb_s"] == pytest.approx(sum(samples) / 2, rel=1e-2)
     bound = r["decode_weight_passes"] * r["weight_bytes"] / (r["memory_bandwidth_gb_s"] * 1e9)
     assert r["decode_bandwidth_bound_s"] == pytest.approx(bound, rel=1e-4)
     assert r["ours_decode_over_bandwidth_bound"] == pytest.approx(r["ours_decode"]["median_s"] / bound, rel=1e-3)

@@ -13,8 +13,9 @@ config` keeps `--scan_layers` for both). `--profile DIR` adds per-op profiles of
 Times are medians over rounds that alternate ours and transformers (a shared machine's load then hits both alike);
 the first call (compile for us) is reported separately. Analytic FLOPs count matmuls only (2 per multiply-add;
 causal attention counts the keys each query actually sees); the matmul peaks are measured in the same run. Decode
-is bound by memory, not FLOPs: the run also measures the machine's read bandwidth and reports each side's decode
-time over the bound of reading every weight once per step. The last line is one JSON object.
+is bound by memory, not FLOPs: the run also samples the machine's read bandwidth (next to each timed decode and once
+after the rounds; the median bounds) and reports each side's decode time over the bound of reading every weight once
+per new token. The last line is one JSON object.
 
 On a GPU, transformers runs on CUDA too (`torch.cuda.is_available()`); `--dtype bfloat16` puts both sides' weights
 and KV caches in bf16 (transformers: the model cast to `torch.bfloat16`, SDPA attention), `--attention cudnn` gives
@@ -162,8 +163,12 @@ def main(_):
         t0 = time.perf_counter()
         last[name] = fn()
         first[name] = time.perf_counter() - t0
+    # the decode's bound: the read bandwidth sampled next to each timed decode (and once after the rounds), median
+    meter = benchmarking.BandwidthMeter(nbytes=(4 << 30) if on_gpu else (512 << 20))
     for _ in range(FLAGS.iters):
         for name, fn in runs.items():
+            if name == "ours_decode":
+                meter.sample()
             t0 = time.perf_counter()
             last[name] = fn()
             times[name].append(time.perf_counter() - t0)
@@ -180,7 +185,9 @@ def main(_):
     peak_n = 8192 if on_gpu else 2048
     jax_peak = benchmarking.jax_matmul_peak(n=peak_n, dtype=layers.to_dtype(FLAGS.dtype))
     torch_peak = benchmarking.torch_matmul_peak(n=peak_n, dtype=torch_dtype, device=torch_device)
-    bandwidth = benchmarking.memory_bandwidth(nbytes=(4 << 30) if on_gpu else (512 << 20))
+    meter.sample()
+    meter.release()
+    bandwidth = meter.median()
     # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather).
     # N new tokens take N passes on both sides: the short prefill gives the first, N - 1 decode steps the rest
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
@@ -211,6 +218,7 @@ def main(_):
         "hf_decode": rates(timing["hf_decode"], decode_flops, B * N, torch_peak),
         "jax_matmul_peak_gflops": jax_peak / 1e9,
         "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "memory_bandwidth_samples_gb_s": [round(b / 1e9, 2) for b in meter.samples],
         "decode_layout": FLAGS.decode_layout,
         "weight_bytes": weight_bytes,
         "decode_weight_passes": decode_passes,
