@@ -160,6 +160,13 @@ def test_bench_llm_tiny_bf16_run_ends_with_its_json(llm_json):
     bound = r["decode_weight_passes"] * r["weight_bytes"] / (r["memory_bandwidth_gb_s"] * 1e9)
     assert r["decode_bandwidth_bound_s"] == pytest.approx(bound, rel=1e-4)
     assert r["ours_decode_over_bandwidth_bound"] == pytest.approx(r["ours_decode"]["median_s"] / bound, rel=1e-3)
+    # one decode step: (the whole decode - the prompt pass alone) / (N - 1), over one read of the weights
+    for side in ("ours", "hf"):
+        step = (r[f"{side}_decode"]["median_s"] - r[f"{side}_prompt_s"]) / (r["decode_tokens"] - 1)
+        assert r[f"{side}_decode_step_s"] == pytest.approx(step, rel=1e-3, abs=1e-7)
+        assert r[f"{side}_decode_step_over_bandwidth_bound"] == pytest.approx(
+            step / r["decode_step_bandwidth_bound_s"], rel=1e-3, abs=1e-4)
+    assert r["decode_step_bandwidth_bound_s"] == pytest.approx(bound / r["decode_weight_passes"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ def main(_):
     )
     kind = "qwen3"
     B, L, P, N = FLAGS.batch, FLAGS.prefill_len, FLAGS.decode_prompt, FLAGS.decode_tokens
+    if N < 2:
+        raise app.UsageError(f"--decode_tokens must be >= 2 (a decode step's time is (decode - prompt pass) / "
+                             f"(N - 1)), got {N}")
     on_gpu = jax.devices()[0].platform == "gpu"
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, FLAGS.dtype)
@@ -144,17 +147,23 @@ def main(_):
         with torch.no_grad():
             return torch_sync(hf(input_ids=prefill_t, use_cache=True, logits_to_keep=1).logits)
 
-    def hf_decode():
+    def hf_generate(n):
         with torch.no_grad():
             return torch_sync(hf.generate(input_ids=decode_t, attention_mask=torch.ones_like(decode_t),
-                                          max_new_tokens=N, min_new_tokens=N, do_sample=False))
+                                          max_new_tokens=n, min_new_tokens=n, do_sample=False))
+
+    def ours_generate(n):
+        return jax.block_until_ready(generate(
+            dec_module, dec_params, decode_ids, decode_mask, max_new_tokens=n, eos_token_id=None, pad_token_id=0))
 
     runs = {
         "ours_prefill": lambda: jax.block_until_ready(prefill(dec_params, ids_dev)),
         "hf_prefill": hf_prefill,
-        "ours_decode": lambda: jax.block_until_ready(generate(
-            dec_module, dec_params, decode_ids, decode_mask, max_new_tokens=N, eos_token_id=None, pad_token_id=0)),
-        "hf_decode": hf_decode,
+        "ours_decode": lambda: ours_generate(N),
+        "hf_decode": lambda: hf_generate(N),
+        # the prompt pass alone (one new token): a decode step takes (decode - prompt) / (N - 1)
+        "ours_prompt": lambda: ours_generate(1),
+        "hf_prompt": lambda: hf_generate(1),
     }
     # first calls (compile for us), then timed rounds alternating ours and transformers, so that the load of a
     # shared machine falls on both alike; medians over rounds
@@ -173,6 +182,8 @@ def main(_):
             last[name] = fn()
             times[name].append(time.perf_counter() - t0)
     timing = {name: {"first_call_s": first[name], "median_s": float(np.median(times[name]))} for name in runs}
+    step_s = {side: (timing[f"{side}_decode"]["median_s"] - timing[f"{side}_prompt"]["median_s"]) / (N - 1)
+              for side in ("ours", "hf")}
     round_speedup = {kind_: float(np.median(np.asarray(times[f"hf_{kind_}"]) / np.asarray(times[f"ours_{kind_}"])))
                      for kind_ in ("prefill", "decode")}
     ours_last_logits = np.asarray(last["ours_prefill"][0], np.float32)
@@ -225,6 +236,14 @@ def main(_):
         "decode_bandwidth_bound_s": decode_bound_s,
         "ours_decode_over_bandwidth_bound": timing["ours_decode"]["median_s"] / decode_bound_s,
         "hf_decode_over_bandwidth_bound": timing["hf_decode"]["median_s"] / decode_bound_s,
+        # one decode step (the prompt pass, which computes B * P tokens, left out) over one read of the weights
+        "ours_prompt_s": timing["ours_prompt"]["median_s"],
+        "hf_prompt_s": timing["hf_prompt"]["median_s"],
+        "ours_decode_step_s": step_s["ours"],
+        "hf_decode_step_s": step_s["hf"],
+        "decode_step_bandwidth_bound_s": weight_bytes / bandwidth,
+        "ours_decode_step_over_bandwidth_bound": step_s["ours"] * bandwidth / weight_bytes,
+        "hf_decode_step_over_bandwidth_bound": step_s["hf"] * bandwidth / weight_bytes,
         "torch_matmul_peak_gflops": torch_peak / 1e9,
         "prefill_speedup": timing["hf_prefill"]["median_s"] / timing["ours_prefill"]["median_s"],
         "decode_speedup": timing["hf_decode"]["median_s"] / timing["ours_decode"]["median_s"],
@@ -243,11 +262,16 @@ def main(_):
     print(f"decode bound: {weight_bytes / 1e6:.0f} MB of weights per step at {bandwidth / 1e9:.1f} GB/s measured "
           f"-> {decode_bound_s:.3f}s; ours {result['ours_decode_over_bandwidth_bound']:.2f}x the bound, transformers "
           f"{result['hf_decode_over_bandwidth_bound']:.2f}x", flush=True)
+    print(f"decode step, the prompt pass left out (ours {result['ours_prompt_s']:.3f}s, transformers "
+          f"{result['hf_prompt_s']:.3f}s): ours {step_s['ours'] * 1e3:.1f} ms, "
+          f"{result['ours_decode_step_over_bandwidth_bound']:.2f}x the bound of {weight_bytes / bandwidth * 1e3:.1f} ms; "
+          f"transformers {step_s['hf'] * 1e3:.1f} ms, {result['hf_decode_step_over_bandwidth_bound']:.2f}x", flush=True)
     if FLAGS.profile:
         from blip3o_jax import profiling
 
         result["profile"] = profiling.profile_runs(
-            FLAGS.profile, {name: ("jax" if name.startswith("ours") else "torch", fn) for name, fn in runs.items()},
+            FLAGS.profile, {name: ("jax" if name.startswith("ours") else "torch", fn) for name, fn in runs.items()
+                            if not name.endswith("_prompt")},
             calls=FLAGS.profile_calls, torch_sync=torch_sync)
     benchmarking.emit(result)
 
