@@ -247,6 +247,9 @@ def test_whole_flow_with_a_fake_gpu(tmp_path, llm_json):
     prefill = next(v for k, v in rows.items() if k.startswith("bench_llm") and "prefill" in k)
     assert f"| {llm['prefill_speedup']:.2f}× |" in prefill
     assert sum(k.startswith("bench_llm") and "decode" in k for k in rows) == 1
+    decode = next(k for k in rows if k.startswith("bench_llm") and "decode" in k)
+    assert f"one step: ours {llm['ours_decode_step_over_bandwidth_bound']:.2f}" in decode
+    assert f"whole call: ours {llm['ours_decode_over_bandwidth_bound']:.2f}" in decode
     status = (out / "status.txt").read_text()
     assert "tests_rc=1" in status and "bench_dit=ok, xla (cudnn failed)" in status
 
