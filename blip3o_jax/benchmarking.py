@@ -67,7 +67,7 @@ def jax_matmul_peak(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
 class BandwidthMeter:
     """Achieved read bandwidth (bytes/s) of the default device, sampled through a run: a jitted sum over an fp32
     array of `nbytes`, far larger than the caches (the bound of a step that must read that many bytes once). Each
-    `sample()` is the median of `iters` sums. On a shared machine the rate moves from minute to minute (25-48 GB/s
+    `sample()` is the median of `iters` sums. On a shared machine the rate moves from minute to minute (23-48 GB/s
     within one hour on our 2-core test machine), so a bench samples it next to its timed rounds and bounds them
     with the median of all samples (`median()`), not with one reading taken at another moment."""
 
@@ -93,15 +93,6 @@ class BandwidthMeter:
     def release(self) -> None:
         """Frees the array (the samples stay)."""
         self.x = None
-
-
-def memory_bandwidth(nbytes: int = 512 << 20, iters: int = 5) -> float:
-    """One `BandwidthMeter` sample of `iters` sums: the machine's read bandwidth now."""
-    meter = BandwidthMeter(nbytes, iters)
-    try:
-        return meter.sample()
-    finally:
-        meter.release()
 
 
 def torch_matmul_peak(n: int = 2048, iters: int = 5, dtype=None, device=None) -> float:

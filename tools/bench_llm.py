@@ -205,7 +205,8 @@ def main(_):
     decode_passes = N
     decode_bound_s = decode_passes * weight_bytes / bandwidth
     prefill_flops = qwen.count_flops(cfg, B, L, context=(L + 1) / 2, logits_tokens=B)
-    decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N))  # + the short prefill
+    # N - 1 one-token steps after the prompt pass (step t sees P + t + 1 keys), + the prompt pass
+    decode_flops = sum(qwen.count_flops(cfg, B, 1, context=P + t + 1) for t in range(N - 1))
     decode_flops += qwen.count_flops(cfg, B, P, context=(P + 1) / 2, logits_tokens=B)
 
     def rates(t, flops, tokens, peak):
