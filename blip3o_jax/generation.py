@@ -146,15 +146,21 @@ def _generate(module, max_new_tokens: int, sample: bool, params, input_ids, atte
     done = jnp.isin(token, eos)
     tokens = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
 
+    # RoPE's cos/sin of every decode step, computed once here: inside the loop XLA would fuse their evaluation
+    # into each consumer (every layer's q and k, per head)
+    step_positions = position_offsets[:, None] + jnp.arange(max_new_tokens, dtype=jnp.int32)[None, :] - 1
+    cos_all, sin_all = qwen.rope_cos_sin(step_positions, cfg)  # (B, max_new_tokens, Dh); column 0 is unused
+
     def cond(state):
         step, _, _, _, done, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
         step, tokens, cache, last, done, rng = state
+        rope = tuple(jax.lax.dynamic_slice_in_dim(a, step, 1, axis=1) for a in (cos_all, sin_all))
         _, logits, cache = module.apply(
-            variables, last[:, None], attention_mask=jnp.ones((B, 1), jnp.int32),
-            positions=(position_offsets + step - 1)[:, None], cache=cache, method=module.forward,
+            variables, last[:, None], attention_mask=jnp.ones((B, 1), jnp.int32), rope=rope, cache=cache,
+            method=module.forward,
         )
         rng, key = jax.random.split(rng)
         token = select(logits[:, -1], key, temperature, top_p)

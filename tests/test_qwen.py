@@ -85,6 +85,25 @@ def test_mrope_3d_positions_match_transformers(converted, name):
     assert rel_err(flat, ref) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["qwen3_untied", "vl_tied"])
+def test_precomputed_rope_equals_positions(converted, name):
+    """`forward(rope=...)` (what the decode loop passes: cos/sin computed once before the loop) gives the logits of
+    `forward(positions=...)`, for plain and M-RoPE positions; cos/sin of other relative positions change them."""
+    kind, cfg, _, params, _ = converted[name]
+    module = models.build(kind, cfg)
+    rng = np.random.RandomState(3)
+    ids = jnp.asarray(rng.randint(3, cfg.vocab_size, (2, 7)).astype(np.int32))
+    positions = jnp.asarray(np.sort(rng.randint(0, 30, (2, 7)), axis=-1).astype(np.int32))
+
+    def logits(**kw):
+        return np.asarray(module.apply({"params": params}, ids, method=module.forward, **kw)[1])
+
+    by_positions = logits(positions=positions)
+    np.testing.assert_array_equal(logits(rope=qwen.rope_cos_sin(positions, cfg)), by_positions)
+    spread = positions * 3  # not a shift: RoPE sees relative positions only
+    assert rel_err(logits(rope=qwen.rope_cos_sin(spread, cfg)), by_positions) > 1e-3
+
+
 @pytest.mark.parametrize("name", ["qwen3_untied", "vl_tied", "qwen2_untied"])
 def test_bf16_compute_close_to_fp32(converted, name):
     kind, cfg, model, params, _ = converted[name]

@@ -395,7 +395,7 @@ class QwenForCausalLM(nn.Module):
         return _constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
 
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                compute_logits=True):
+                compute_logits=True, rope=None):
         """Runs the decoder on a chunk of L tokens (or embeddings).
 
         attention_mask: (B, L) 1 = real token, 0 = padding (masked as key; causal always).
@@ -403,6 +403,9 @@ class QwenForCausalLM(nn.Module):
           (the prompt alone without a cache; cache slots plus the chunk with one).
         cache: from `init_cache`; the chunk is written at slots [index, index + L) and attends to every valid slot
           up to its own. Returns (hidden (B, L, D) after the final norm, fp32 logits or None, updated cache or None).
+        rope: (cos, sin) of the chunk's positions, each (B, L, Dh) as `rope_cos_sin` gives them, instead of computing
+          them from `positions` here (a decode loop computes every step's once, before the loop: XLA fuses cos/sin
+          into each of their consumers, i.e. evaluates them per layer and per head).
         """
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
@@ -423,11 +426,14 @@ class QwenForCausalLM(nn.Module):
         mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, L, T)
         if cache is None and cfg.attention_impl == "pallas":  # causality as the kernel's flag (QwenAttention)
             mask = key_valid[:, None, None, :]  # (B, 1, 1, L)
-        if positions is None:
-            positions = default_positions(key_valid)
-            if cache is not None:
-                positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, L, axis=1)
-        cos, sin = rope_cos_sin(positions, cfg)
+        if rope is not None:
+            cos, sin = rope
+        else:
+            if positions is None:
+                positions = default_positions(key_valid)
+                if cache is not None:
+                    positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, L, axis=1)
+            cos, sin = rope_cos_sin(positions, cfg)
 
         kv = None if cache is None else (cache["k"], cache["v"])  # stacked, or one buffer per layer (init_cache)
         if kv is not None and isinstance(self.layers, (list, tuple)):  # one cache buffer per layer (init_cache)
