@@ -129,9 +129,17 @@ def test_auto_depthwise_impl_follows_the_target_platform(monkeypatch):
     (4, 1, 8, 8, "dense", True),          # MQA, (B, 1, Lq, Lk) & causal, a fully masked row
     (4, 4, 6, 6, "per_head", False),      # (B, H, Lq, Lk)
 ])
-def test_cpu_attention_matches_dot_product_attention(heads, kv_heads, lq, lk, mask_kind, is_causal):
+@pytest.mark.parametrize("split", [None, "units", "rows"])
+def test_cpu_attention_matches_dot_product_attention(heads, kv_heads, lq, lk, mask_kind, is_causal, split,
+                                                     monkeypatch):
+    """Also with the scores split into blocks (`CPU_ATTENTION_*` set small): groups of (batch, kv-head) units, or
+    blocks of one unit's query rows (some cases with an uneven last block)."""
     rs = np.random.RandomState(0)
     b, d = 2, 8
+    unit = (heads // kv_heads) * lq * lk * 4  # one unit's fp32 scores
+    if split is not None:
+        monkeypatch.setattr(layers, "CPU_ATTENTION_SPLIT_ABOVE", 0)
+        monkeypatch.setattr(layers, "CPU_ATTENTION_BLOCK_BYTES", 3 * unit if split == "units" else 4 * lk * 4)
     q = jnp.asarray(rs.randn(b, lq, heads, d), jnp.float32)
     k = jnp.asarray(rs.randn(b, lk, kv_heads, d), jnp.float32)
     v = jnp.asarray(rs.randn(b, lk, kv_heads, d), jnp.float32)
@@ -157,6 +165,11 @@ def test_cpu_attention_matches_dot_product_attention(heads, kv_heads, lq, lk, ma
     assert rel_err(o_ours, o_ref) < 1e-5
     for go, gr in zip(g_ours, g_ref):
         assert rel_err(go, gr) < 1e-5
+    # the blocks are there: two products per block
+    products = str(jax.make_jaxpr(lambda *a: layers._attention_cpu(*a, mask=mask, is_causal=is_causal))(q, k, v))
+    units, rows = b * kv_heads, (heads // kv_heads) * lq
+    blocks = {None: 1, "units": -(-units // 3), "rows": units * -(-rows // 4)}[split]
+    assert products.count("dot_general") == 2 * blocks
 
 
 def test_attention_takes_the_cpu_arrangement_only_for_a_cpu_program(monkeypatch):
@@ -302,3 +315,19 @@ def test_sana_linear_attention_cpu_form_matches_the_einsums(monkeypatch):
     assert rel_err(got, want) < 1e-6
     assert rel_err(got[0, 0, 0], np.asarray(v[0, :, 0]).T @ (np.asarray(k[0, :, 0]) @ np.asarray(q[0, 0, 0]))
                    / (np.asarray(k[0, :, 0]).sum(0) @ np.asarray(q[0, 0, 0]) + sana.LINEAR_ATTN_EPS)) < 1e-5
+
+
+def test_gelu_exact_is_torchs_gelu():
+    """`layers.gelu_exact` (erf) is torch's exact `F.gelu` and `jax.nn.gelu(approximate=False)` (erfc), values and
+    gradients, and keeps the input's dtype; the tanh approximation is not it."""
+    import torch
+
+    x = np.linspace(-10, 10, 20001).astype(np.float32)
+    ours = np.asarray(layers.gelu_exact(x))
+    np.testing.assert_allclose(ours, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(ours, np.asarray(jax.nn.gelu(x, approximate=False)), rtol=1e-6, atol=2e-6)
+    assert np.abs(ours - np.asarray(jax.nn.gelu(x, approximate=True))).max() > 1e-4
+    grad = jax.grad(lambda a: layers.gelu_exact(a).sum())(jnp.asarray(x))
+    ref = jax.grad(lambda a: jax.nn.gelu(a, approximate=False).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert layers.gelu_exact(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

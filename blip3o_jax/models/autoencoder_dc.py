@@ -41,7 +41,7 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
     "silu": jax.nn.silu,
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": layers.gelu_exact,
     "relu": jax.nn.relu,
 }
 

@@ -238,7 +238,7 @@ class MLPProjector(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=layers.to_dtype(self.dtype), param_dtype=layers.to_dtype(self.param_dtype))
         x = layers.Dense(self.features, kernel_axes=("patch", "embed"), name="linear_1", **kw)(x)
-        x = jax.nn.gelu(x, approximate=False)
+        x = layers.gelu_exact(x)
         return layers.Dense(self.features, kernel_axes=("mlp", "embed"), name="linear_2", **kw)(x)
 
 

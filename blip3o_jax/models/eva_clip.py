@@ -166,7 +166,7 @@ class Mlp(nn.Module):
         dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         h = Dense(cfg.mlp_dim, kernel_axes=("embed", "mlp"), dtype=dtype, param_dtype=pdtype, name="fc1")(x)
         h = _constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() default: exact erf
+        h = layers.gelu_exact(h)  # torch nn.GELU() default: exact erf
         return Dense(cfg.width, kernel_axes=("mlp", "embed"), dtype=dtype, param_dtype=pdtype, name="fc2")(h)
 
 

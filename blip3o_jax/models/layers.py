@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KERNEL_LAYOUTS = ("in_out", "out_in")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,6 +45,15 @@ def target_platform() -> str:
 
 # a (rows, in) x (out, in) matmul with at most this many rows runs as (out, in) @ (in, rows) on a CPU (`matmul_out_in`)
 SMALL_ROWS = 64
+
+
+def gelu_exact(x):
+    """The exact (erf) GELU as torch's `F.gelu` computes it, `0.5 x (1 + erf(x / sqrt 2))`.
+
+    `jax.nn.gelu(approximate=False)` is the same function through `erfc`, which XLA:CPU evaluates ~2.4x slower than
+    `erf` (an EVA MLP's (1028, 3072) activation: 21.7 vs 9.1 ms); the two differ by < 1e-6."""
+    x = jnp.asarray(x)
+    return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
 
 
 def matmul_out_in(x, weight, precision=None):
@@ -347,22 +357,37 @@ def attention(
     )
 
 
+# `_attention_cpu` splits the (batch x kv-head) units, or each unit's query rows, into independent blocks of ~4 MB
+# of fp32 scores once a call's scores exceed 8 MB (at most 64 blocks)
+CPU_ATTENTION_SPLIT_ABOVE = 8 << 20
+CPU_ATTENTION_BLOCK_BYTES = 4 << 20
+CPU_ATTENTION_MAX_BLOCKS = 64
+
+
 def _attention_cpu(query, key, value, *, mask=None, is_causal: bool = False, scale: float | None = None):
     """`jax.nn.dot_product_attention`'s XLA path (same masking: masked logits set to -0.7 x the dtype's max, so a
     fully masked row attends uniformly), arranged for XLA:CPU: heads-major operands for the two batched matmuls,
     queries pre-scaled, and the softmax's normalisation applied to the (Lq, D) output instead of the (Lq, Lk)
     probabilities (one pass over the scores fewer). On the models' CPU shapes it is ~1.3-1.9x faster than
-    `jax.nn.dot_product_attention`; the math is the same up to fp32 rounding."""
+    `jax.nn.dot_product_attention`; the math is the same up to fp32 rounding.
+
+    Scores larger than `CPU_ATTENTION_SPLIT_ABOVE` are computed in independent blocks of ~`CPU_ATTENTION_BLOCK_BYTES`
+    (groups of (batch, kv-head) units, or query rows of one unit): each block's scores stay in the cores' caches
+    and XLA:CPU runs blocks on both cores at once. One batched computation over all units ran at about half the
+    rate on an AVX-512 host (docs/benchmarks.md: EVA's 4 x 12 heads x 257 tokens 9 -> 6.7 ms, a UNet's
+    2 x 5 heads x 1024 tokens 38 -> 26 ms)."""
     b, lq, h, d = query.shape
     lk, hkv = key.shape[1], key.shape[2]
     if h % hkv:
         raise ValueError(f"attention: {h} query heads are not a multiple of {hkv} key/value heads")
     g = h // hkv
+    n, rows = b * hkv, g * lq
     scale = d ** -0.5 if scale is None else scale
     q = (query * jnp.asarray(scale, query.dtype)).reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(b, hkv, g * lq, d)
-    logits = jnp.matmul(q, key.transpose(0, 2, 3, 1)).reshape(b, hkv, g, lq, lk)  # (B, Hkv, G, Lq, Lk)
-    keep = None
+    q = q.reshape(b, hkv, rows, d)
+    k = key.transpose(0, 2, 3, 1)  # (B, Hkv, D, Lk): a heads-major KV cache's layout as it is
+    v = value.transpose(0, 2, 1, 3)  # (B, Hkv, Lk, D)
+    keep = None  # broadcastable to (B, Hkv, G, Lq, Lk)
     if mask is not None:
         _, m4 = _mask_kind(mask, (b, h, lq, lk))
         m4 = m4.astype(bool)
@@ -371,11 +396,43 @@ def _attention_cpu(query, key, value, *, mask=None, is_causal: bool = False, sca
     if is_causal:
         causal = jnp.tril(jnp.ones((lq, lk), bool))
         keep = causal if keep is None else jnp.logical_and(keep, causal)
-    if keep is not None:
-        logits = jnp.where(keep, logits, jnp.asarray(-0.7 * jnp.finfo(logits.dtype).max, logits.dtype))
-    probs = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    denom = jnp.sum(probs, axis=-1).reshape(b, hkv, g * lq, 1)
-    out = jnp.matmul(probs.reshape(b, hkv, g * lq, lk), value.transpose(0, 2, 1, 3)) / denom  # (B, Hkv, G*Lq, D)
+    masked = jnp.asarray(-0.7 * jnp.finfo(jnp.result_type(q, k)).max, jnp.result_type(q, k))
+
+    def block(q, k, v, keep, groups=None):
+        """q (..., rows, D), k (..., D, Lk), v (..., Lk, D); `keep` broadcastable to the scores (..., rows, Lk), or
+        with `groups` = (G, Lq) to the scores as (..., G, Lq, Lk)."""
+        logits = jnp.matmul(q, k)
+        shape = logits.shape
+        if keep is not None:
+            logits = jnp.where(keep, logits if groups is None else logits.reshape(*shape[:-2], *groups, shape[-1]),
+                               masked)
+        probs = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        denom = jnp.sum(probs, axis=-1, keepdims=True)
+        return jnp.matmul(probs.reshape(shape), v) / denom.reshape(*shape[:-1], 1)
+
+    total = n * rows * lk * 4
+    if total <= CPU_ATTENTION_SPLIT_ABOVE:
+        out = block(q, k, v, keep, groups=(g, lq))  # the mask broadcasts as it is
+    else:
+        q, k, v = q.reshape(n, rows, d), k.reshape(n, d, lk), v.reshape(n, lk, d)
+        if keep is not None:  # index math that XLA fuses into each block's `where`
+            keep = jnp.broadcast_to(keep, (b, hkv, g, lq, lk)).reshape(n, rows, lk)
+
+        def part(units, span):
+            sl = lambda a: a[units[0]:units[1], span[0]:span[1]]  # noqa: E731
+            return block(sl(q), k[units[0]:units[1]], v[units[0]:units[1]], None if keep is None else sl(keep))
+
+        budget = max(CPU_ATTENTION_BLOCK_BYTES, -(-total // CPU_ATTENTION_MAX_BLOCKS))
+        unit = rows * lk * 4
+        if unit <= budget:  # groups of whole units, as even as the count of groups allows
+            per = -(-n // -(-n // (budget // unit)))
+            out = jnp.concatenate([part((i, min(i + per, n)), (0, rows)) for i in range(0, n, per)], axis=0)
+        else:  # each unit in blocks of query rows
+            per = max(1, budget // (lk * 4))
+            per = -(-rows // -(-rows // per))
+            out = jnp.concatenate([
+                jnp.concatenate([part((i, i + 1), (j, min(j + per, rows))) for j in range(0, rows, per)], axis=1)
+                for i in range(n)], axis=0)
     return out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 

@@ -256,7 +256,7 @@ def vision_layout(
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": layers.gelu_exact,
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
@@ -361,7 +361,7 @@ class PatchMerger(nn.Module):
         width = cfg.hidden_size * cfg.merge_unit
         x = layers.RMSNorm(eps=cfg.norm_eps, name="ln_q", **kw)(x).reshape(-1, width)
         x = layers.Dense(width, kernel_axes=("embed", "mlp"), name="mlp_0", **kw)(x)
-        x = jax.nn.gelu(x, approximate=False)
+        x = layers.gelu_exact(x)
         return layers.Dense(cfg.out_hidden_size, kernel_axes=("mlp", "embed"), name="mlp_2", **kw)(x)
 
 

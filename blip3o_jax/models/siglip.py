@@ -31,7 +31,7 @@ OUTPUT_LAYERS = ("last", "penultimate")
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": layers.gelu_exact,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 

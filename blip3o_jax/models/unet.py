@@ -339,7 +339,7 @@ class GEGLU(nn.Module):
         y = layers.Dense(2 * self.inner, kernel_axes=("embed", "mlp"), name="proj", dtype=self.dtype,
                          param_dtype=self.param_dtype)(x)
         value, gate = jnp.split(y, 2, axis=-1)
-        gate = nn.gelu(gate.astype(jnp.float32), approximate=False).astype(value.dtype)
+        gate = layers.gelu_exact(gate.astype(jnp.float32)).astype(value.dtype)
         return nn.with_logical_constraint(value * gate, ("activation_batch", "activation_length", "activation_mlp"))
 
 
