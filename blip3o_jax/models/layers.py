@@ -364,6 +364,13 @@ CPU_ATTENTION_BLOCK_BYTES = 4 << 20
 CPU_ATTENTION_MAX_BLOCKS = 64
 
 
+def _even_chunk(count: int, most: int) -> int:
+    """The chunk size that splits `count` items into as few chunks of at most `most` (at least 1) as possible, as
+    evenly as possible: 48 at most 15 -> 12 (four chunks of 12, not 15, 15, 15, 3)."""
+    chunks = -(-count // max(1, most))
+    return -(-count // chunks)
+
+
 def _attention_cpu(query, key, value, *, mask=None, is_causal: bool = False, scale: float | None = None):
     """`jax.nn.dot_product_attention`'s XLA path (same masking: masked logits set to -0.7 x the dtype's max, so a
     fully masked row attends uniformly), arranged for XLA:CPU: heads-major operands for the two batched matmuls,
@@ -424,12 +431,11 @@ def _attention_cpu(query, key, value, *, mask=None, is_causal: bool = False, sca
 
         budget = max(CPU_ATTENTION_BLOCK_BYTES, -(-total // CPU_ATTENTION_MAX_BLOCKS))
         unit = rows * lk * 4
-        if unit <= budget:  # groups of whole units, as even as the count of groups allows
-            per = -(-n // -(-n // (budget // unit)))
+        if unit <= budget:  # groups of whole units
+            per = _even_chunk(n, budget // unit)
             out = jnp.concatenate([part((i, min(i + per, n)), (0, rows)) for i in range(0, n, per)], axis=0)
         else:  # each unit in blocks of query rows
-            per = max(1, budget // (lk * 4))
-            per = -(-rows // -(-rows // per))
+            per = _even_chunk(rows, budget // (lk * 4))
             out = jnp.concatenate([
                 jnp.concatenate([part((i, i + 1), (j, min(j + per, rows))) for j in range(0, rows, per)], axis=1)
                 for i in range(n)], axis=0)
