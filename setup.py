@@ -52,6 +52,8 @@ setup(
     description="BLIP3-o (unified multimodal understanding and generation) in JAX/Flax",
     packages=find_packages(include=["blip3o_jax", "blip3o_jax.*"]),
     py_modules=["convert_torch_weights"],
+    # the CPU decode kernel's source, compiled at first use (blip3o_jax/kernels/__init__.py)
+    package_data={"blip3o_jax.kernels": ["*.cc"]},
     python_requires=">=3.11,<3.12",
     install_requires=CORE,
     extras_require=EXTRAS,

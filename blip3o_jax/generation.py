@@ -60,8 +60,10 @@ def unrolled(kind: str, cfg, params):
 
     On a CPU the language model's dense kernels are also stored transposed, in torch's (out, in) layout
     (`kernel_layout="out_in"`, parameters named `weight`), and a tied LM head reads the (vocab, hidden) embedding
-    as such: XLA:CPU's matmul reads a weight ~1.5-2x faster as the left operand of a few-row product than as the
-    right one (`layers.matmul_out_in`), and a decode step is little else than reading every weight once."""
+    as such: a decode step is little else than reading every weight once, and in that layout each product runs on
+    the compiled few-row kernel (`blip3o_jax.kernels`, which streams the weight rows at the memory's stream rate),
+    or, where that cannot be built, as XLA:CPU's matmul with the weight as the left operand, ~1.5-2x faster than
+    as the right one (`layers.matmul_out_in`)."""
     import flax.linen as nn
 
     from blip3o_jax import models, pretrained

@@ -36,6 +36,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+# the compiled CPU kernels (blip3o_jax/kernels) are built once per test session into a fresh directory, so that the
+# suite always exercises the build, never a library a user's earlier runs left in ~/.cache
+if "BLIP3O_KERNEL_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _kernel_dir = tempfile.mkdtemp(prefix="blip3o_jax_test_kernels_")
+    os.environ["BLIP3O_KERNEL_CACHE"] = _kernel_dir
+    atexit.register(shutil.rmtree, _kernel_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blip3o_jax import kernels
 from blip3o_jax.models import layers
 from conftest import rel_err  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -207,10 +208,13 @@ def test_dense_out_in_is_the_in_out_dense_transposed(platform, lead, monkeypatch
     got = oi.apply({"params": {"weight": p_ref["kernel"].T, "bias": bias}}, x)
     assert got.shape == (*lead, 40)
     assert rel_err(got, want) < 1e-6
-    # a CPU program with few rows takes the weight-as-left-operand form; many rows contract directly
+    # a CPU program with a decode step's rows runs the few-row kernel (tests/test_kernels.py), with up to SMALL_ROWS
+    # the weight-as-left-operand form; many rows, and other platforms, contract directly
     hlo = jax.jit(lambda x: oi.apply({"params": {"weight": p_oi["weight"], "bias": bias}}, x)).lower(x).as_text()
     rows = int(np.prod(lead))
-    assert ("optimization_barrier" in hlo) == (platform == "cpu" and rows <= layers.SMALL_ROWS)
+    kernel = platform == "cpu" and rows <= kernels.MAX_ROWS and kernels.available()
+    assert ("blip3o_few_row_matmul" in hlo) == kernel
+    assert ("optimization_barrier" in hlo) == (platform == "cpu" and rows <= layers.SMALL_ROWS and not kernel)
 
 
 def test_dense_rejects_an_unknown_kernel_layout():

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip3o_jax import kernels
+
 KERNEL_LAYOUTS = ("in_out", "out_in")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -64,8 +66,15 @@ def matmul_out_in(x, weight, precision=None):
     it at ~1.5-2x the rate of the (rows, in) x (in, out) form, whose few-row GEMM reads 10-14 GB/s against a
     ~27 GB/s stream on our 2-core test machine (docs/benchmarks.md). The barrier keeps XLA's simplifier from folding
     the transpose back into the dot's operands. Other platforms, and many rows, contract the two `in` dims
-    directly (as fast as `x @ w_in_out` on XLA:CPU at prefill and training sizes)."""
+    directly (as fast as `x @ w_in_out` on XLA:CPU at prefill and training sizes).
+
+    In fp32 with at most `kernels.MAX_ROWS` rows (a decode step's batch) a CPU runs the compiled few-row kernel
+    (`blip3o_jax.kernels.few_row_matmul`), which reads the weight at the memory's stream rate, ~1.5x this form's;
+    where it cannot be built it falls back to the form above."""
     if x.shape[0] <= SMALL_ROWS and target_platform() == "cpu":
+        if (x.shape[0] <= kernels.MAX_ROWS and x.dtype == weight.dtype == jnp.float32
+                and jax.default_backend() == "cpu" and kernels.available()):
+            return kernels.few_row_matmul(x, weight)
         return jax.lax.optimization_barrier(jnp.dot(weight, x.T, precision=precision)).T
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ())), precision=precision)
 
