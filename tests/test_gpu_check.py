@@ -145,6 +145,7 @@ def test_bench_llm_tiny_bf16_run_ends_with_its_json(llm_json):
     r = json.loads(llm_json.read_text())
     assert r["benchmark"] == "qwen_lm_prefill_decode" and r["dtype"] == "bfloat16" and r["attention"] == "xla"
     assert r["preset"] == "cpu" and r["torch_device"] == "cpu" and r["decode_tokens"] == 2
+    assert r["cpu_decode_kernel"] is None  # the CPU kernel is fp32 only: bf16 products stay XLA's
     assert r["prefill_speedup"] > 0 and r["decode_speedup"] > 0
     for side in ("ours_prefill", "hf_prefill", "ours_decode", "hf_decode"):
         assert r[side]["gflops_per_s"] > 0 and 0 < r[side]["fraction_of_matmul_peak"]

@@ -85,7 +85,7 @@ def main(_):
     import torch
     import transformers
 
-    from blip3o_jax import benchmarking, convert, models
+    from blip3o_jax import benchmarking, convert, kernels, models
     from blip3o_jax.generation import generate, unrolled
     from blip3o_jax.models import layers, qwen
 
@@ -202,6 +202,8 @@ def main(_):
     # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather).
     # N new tokens take N passes on both sides: the short prefill gives the first, N - 1 decode steps the rest
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    cpu_kernel = (kernels.isa() if jax.default_backend() == "cpu" and FLAGS.dtype == "float32"
+                  and FLAGS.batch <= kernels.MAX_ROWS and kernels.available() else None)
     decode_passes = N
     step_bound_s = weight_bytes / bandwidth  # one read of the weights
     decode_bound_s = decode_passes * step_bound_s
@@ -234,6 +236,8 @@ def main(_):
         "memory_bandwidth_samples_gb_s": [round(b / 1e9, 2) for b in meter.samples],
         "decode_layout": FLAGS.decode_layout,
         "weight_bytes": weight_bytes,
+        # the compiled few-row kernel that runs the decode's products ("avx512" / "avx2"), or None: XLA's matmul
+        "cpu_decode_kernel": cpu_kernel,
         "decode_weight_passes": decode_passes,
         "decode_bandwidth_bound_s": decode_bound_s,
         "ours_decode_over_bandwidth_bound": timing["ours_decode"]["median_s"] / decode_bound_s,
@@ -267,7 +271,8 @@ def main(_):
     print(f"decode step, the prompt pass left out (ours {result['ours_prompt_s']:.3f}s, transformers "
           f"{result['hf_prompt_s']:.3f}s): ours {step_s['ours'] * 1e3:.1f} ms, "
           f"{result['ours_decode_step_over_bandwidth_bound']:.2f}x the bound of {step_bound_s * 1e3:.1f} ms; "
-          f"transformers {step_s['hf'] * 1e3:.1f} ms, {result['hf_decode_step_over_bandwidth_bound']:.2f}x", flush=True)
+          f"transformers {step_s['hf'] * 1e3:.1f} ms, {result['hf_decode_step_over_bandwidth_bound']:.2f}x; "
+          f"few-row products on {'the ' + cpu_kernel + ' CPU kernel' if cpu_kernel else 'XLA matmuls'}", flush=True)
     if FLAGS.profile:
         from blip3o_jax import profiling
 
