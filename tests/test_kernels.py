@@ -132,6 +132,12 @@ def test_build_is_cached_and_failures_are_one_line(tmp_path, monkeypatch):
     assert kernels.build() == path and os.stat(path).st_mtime_ns == mtime  # reused, not rebuilt
     assert [f for f in os.listdir(tmp_path / "cache") if f.startswith(".")] == []  # no temporary left behind
 
+    # a damaged library in the cache (say, a disk that filled up under another tool) is built again on load
+    with open(path, "wb") as f:
+        f.write(b"not a shared library")
+    lib, isa = kernels._open()
+    assert isa in ("avx512", "avx2") and os.path.getsize(path) > 1000
+
     # a compiler that fails: a clear error, nothing half-written in the cache
     fake = tmp_path / "bad-cxx"
     fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo bad 1.0; exit 0; }\necho 'x.cc:1: error: broken' >&2\nexit 1\n")
@@ -150,3 +156,27 @@ def test_build_is_cached_and_failures_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.CACHE_ENV, str(shared))
     with pytest.raises(kernels.KernelUnavailable, match="writable by another user"):
         kernels.build()
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 kernel")
+def test_a_cache_that_cannot_be_written_leaves_xla_and_one_line(tmp_path):
+    # in a fresh process: available() is decided once per process
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    script = textwrap.dedent("""
+        import json, logging, numpy as np, jax
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        from blip3o_jax import kernels
+        from blip3o_jax.models import layers
+        x, w = np.ones((2, 8), np.float32), np.ones((3, 8), np.float32)
+        y = np.asarray(jax.jit(layers.matmul_out_in)(x, w))
+        print(json.dumps({"available": kernels.available(), "reason": kernels.unavailable_reason(),
+                          "y": y.tolist()}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", kernels.CACHE_ENV: str(blocker / "sub")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["available"] and out["y"] == [[8.0] * 3] * 2
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("WARNING CPU decode kernel unavailable")]
+    assert len(warnings) == 1, proc.stderr[-2000:]

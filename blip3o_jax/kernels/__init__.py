@@ -121,17 +121,22 @@ def build(force: bool = False) -> str:
     return out
 
 
-def _load():
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        raise KernelUnavailable(f"turned off by {DISABLE_ENV}", expected=True)
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise KernelUnavailable(f"written for x86-64, this is {platform.machine()}", expected=True)
+def _open():
+    """Builds (if needed) and loads the library: (ctypes library, "avx512" | "avx2"). Registers nothing."""
     path = build()
     try:
         lib = ctypes.CDLL(path)
+    except OSError:  # a damaged file in the cache (the build itself only ever renames complete ones): build again
+        log.warning("could not load %s; building it again", path)
+        path = build(force=True)
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            raise KernelUnavailable(f"loading {path} failed: {e}") from e
+    try:
         lib.blip3o_few_row_matmul_isa.restype = ctypes.c_int
-    except (OSError, AttributeError) as e:
-        raise KernelUnavailable(f"loading {path} failed: {e}") from e
+    except AttributeError as e:
+        raise KernelUnavailable(f"{path} is not the few-row kernel: {e}") from e
     want = os.environ.get(ISA_ENV, "").strip().lower()
     if want:
         if want not in ISAS:
@@ -140,8 +145,17 @@ def _load():
     isa = lib.blip3o_few_row_matmul_isa()
     if isa == 0:
         raise KernelUnavailable("this CPU has neither AVX-512F nor AVX2 with FMA", expected=True)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Blip3oFewRowMatmul), platform="cpu")
     return lib, {v: k for k, v in ISAS.items()}[isa]
+
+
+def _load():
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        raise KernelUnavailable(f"turned off by {DISABLE_ENV}", expected=True)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise KernelUnavailable(f"written for x86-64, this is {platform.machine()}", expected=True)
+    lib, isa_name = _open()
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Blip3oFewRowMatmul), platform="cpu")
+    return lib, isa_name
 
 
 def available() -> bool:
@@ -151,9 +165,10 @@ def available() -> bool:
             try:
                 _state["lib"], _state["isa"] = _load()
                 _state["ok"] = True
-            except KernelUnavailable as e:
+            except (KernelUnavailable, OSError) as e:  # OSError: the cache directory cannot be made or written
                 _state["ok"], _state["reason"] = False, str(e)
-                (log.info if e.expected else log.warning)("CPU decode kernel unavailable, using XLA's dot: %s", e)
+                expected = getattr(e, "expected", False)
+                (log.info if expected else log.warning)("CPU decode kernel unavailable, using XLA's dot: %s", e)
         return _state["ok"]
 
 
