@@ -19,6 +19,8 @@ from conftest import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+# the kernel is written for x86-64; on other machines matmul_out_in uses XLA's dot (the other tests cover it)
+pytestmark = pytest.mark.skipif(not X86, reason="the CPU kernel is x86-64 only")
 
 # (rows, in, out): every row count the kernel keeps in registers and beyond (groups of 8), reductions that are not a
 # multiple of 32 or 16 (the masked / scalar tails), one output, and weights large enough to split over threads
@@ -37,20 +39,17 @@ def _check_shapes(shapes):
     return errs
 
 
-@pytest.mark.skipif(not X86, reason="the kernel is written for x86-64; elsewhere matmul_out_in uses XLA's dot")
 def test_kernel_builds_here():
     # the machines this suite runs on have a C++ compiler and AVX2 at least: a build failure must fail, not hide
     assert kernels.available(), kernels.unavailable_reason()
     assert kernels.isa() in ("avx512", "avx2")
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_few_row_matmul_matches_float64():
     errs = _check_shapes(SHAPES)
     assert max(errs) < 2e-6, dict(zip(SHAPES, errs))
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_avx2_path_and_switch_off_in_fresh_processes():
     # the instruction set is chosen once per process: run the AVX2 path, and the switched-off kernel, in their own
     script = textwrap.dedent(f"""
@@ -83,7 +82,6 @@ def test_avx2_path_and_switch_off_in_fresh_processes():
     assert not off["custom_call"] and off["matmul_out_in_err"] < 1e-4
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_gradient_and_vmap_match_xla():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 96)).astype(np.float32)
@@ -102,7 +100,6 @@ def test_gradient_and_vmap_match_xla():
     assert rel_err(got, np.einsum("brk,nk->brn", xs.astype(np.float64), w.astype(np.float64))) < 2e-6
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_matmul_out_in_uses_the_kernel_for_few_fp32_rows_only():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((40, 64)).astype(np.float32)
@@ -122,7 +119,6 @@ def test_matmul_out_in_uses_the_kernel_for_few_fp32_rows_only():
         kernels.few_row_matmul(np.ones((2, 63), np.float32), w)
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_build_is_cached_and_failures_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
     path = kernels.build()
@@ -158,7 +154,6 @@ def test_build_is_cached_and_failures_are_one_line(tmp_path, monkeypatch):
         kernels.build()
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 kernel")
 def test_a_cache_that_cannot_be_written_leaves_xla_and_one_line(tmp_path):
     # in a fresh process: available() is decided once per process
     blocker = tmp_path / "file"
