@@ -202,8 +202,7 @@ def main(_):
     # a decode step reads every weight once (the tied embedding as the LM head; the input embedding is a gather).
     # N new tokens take N passes on both sides: the short prefill gives the first, N - 1 decode steps the rest
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-    cpu_kernel = (kernels.isa() if jax.default_backend() == "cpu" and FLAGS.dtype == "float32"
-                  and FLAGS.batch <= kernels.MAX_ROWS and kernels.available() else None)
+    cpu_kernel = kernels.isa() if kernels.applies(FLAGS.batch, FLAGS.dtype) else None
     decode_passes = N
     step_bound_s = weight_bytes / bandwidth  # one read of the weights
     decode_bound_s = decode_passes * step_bound_s

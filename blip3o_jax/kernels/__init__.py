@@ -181,6 +181,13 @@ def unavailable_reason() -> str | None:
     return None if available() else _state.get("reason")
 
 
+def applies(rows: int, dtype) -> bool:
+    """Whether a (rows, in) x (out, in) product of `dtype` runs on the kernel in this process (a CPU backend, fp32,
+    at most `MAX_ROWS` rows, and the kernel available)."""
+    return (rows <= MAX_ROWS and np.dtype(dtype) == np.float32 and jax.default_backend() == "cpu"
+            and available())
+
+
 def _ffi(x, w):
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
                             vmap_method="sequential")(x, w)

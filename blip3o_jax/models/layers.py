@@ -72,8 +72,7 @@ def matmul_out_in(x, weight, precision=None):
     (`blip3o_jax.kernels.few_row_matmul`), which reads the weight at the memory's stream rate, ~1.5x this form's;
     where it cannot be built it falls back to the form above."""
     if x.shape[0] <= SMALL_ROWS and target_platform() == "cpu":
-        if (x.shape[0] <= kernels.MAX_ROWS and x.dtype == weight.dtype == jnp.float32
-                and jax.default_backend() == "cpu" and kernels.available()):
+        if x.dtype == weight.dtype and kernels.applies(x.shape[0], x.dtype):
             return kernels.few_row_matmul(x, weight)
         return jax.lax.optimization_barrier(jnp.dot(weight, x.T, precision=precision)).T
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ())), precision=precision)
